@@ -115,6 +115,35 @@ def test_batched_and_one_by_one_greedy_agree(aligner):
         assert [g.sources for g in batched] == [g.sources for g in single], name
 
 
+def test_finished_rows_leave_the_batch_and_the_others_decode_unchanged(aligner, monkeypatch):
+    """Rows ending at different steps (stop strings, EOS, their own limit) drop out of every model's
+    batch; the rows still decoding get exactly the tokens they get alone."""
+    from proxyalign.engine.token_level import TokenLevelDecoder
+
+    sizes: list[int] = []
+    retain = TokenLevelDecoder.retain
+
+    def recording_retain(self, rows):
+        sizes.append(len(rows))
+        retain(self, rows)
+
+    monkeypatch.setattr(TokenLevelDecoder, "retain", recording_retain)
+    prompts = ["w5", "w6 w7 w8 w9 w10 w11", "w12 w13", "<user> w14 </s> <assistant>", "w30 w31"]
+    for name in ("base", "dual_kad", "confidence_bet"):
+        single = [aligner.generate(p, max_new_tokens=16, temperature=0, criterion=name)[0] for p in prompts]
+        # a stop string taken from each row's own output, at a different depth per row
+        stops = [" ".join(g.text.split()[i + 1 : i + 2]) for i, g in enumerate(single)]
+        stops = [s for s in stops if s]
+        sizes.clear()
+        options = {"max_new_tokens": 16, "temperature": 0, "criterion": name, "stop": stops}
+        batched = aligner.generate(prompts, **options)
+        alone = [aligner.generate(p, **options)[0] for p in prompts]
+        assert [g.token_ids for g in batched] == [g.token_ids for g in alone], name
+        assert [g.sources for g in batched] == [g.sources for g in alone], name
+        assert len({len(g.token_ids) for g in batched}) > 1, "rows should end at different steps"
+        assert sizes and sizes == sorted(sizes, reverse=True) and sizes[-1] < len(prompts), sizes
+
+
 class EagerDualKad(proxyalign.Criterion):
     """dual_kad declared as reading q* too, which forces the eager path: same mu, same distribution."""
 

@@ -377,18 +377,31 @@ def test_rolled_back_caches_equal_a_fresh_forward(pa, name):
             assert torch.allclose(rolled[b], fresh, atol=1e-4, rtol=1e-4), (role, b)
 
 
-def test_finished_rows_stop_growing_while_slower_rows_catch_up(pa):
-    """Rows past max_new_tokens accept nothing and add holes only: positions stay bounded."""
+def test_retained_rows_keep_their_caches_and_progress(pa):
+    """Rows that leave mid-generation take their caches with them; the others go on as if alone."""
     criterion = proxyalign.get_criterion("confidence_bet")
-    prompts = [PROMPT, OTHER_PROMPT] * 8
-    encoded, runners, decoder = build_decoder(pa, prompts, criterion, gamma=5, max_new_tokens=6, seed=3)
-    real = []
-    for _ in range(8):
-        decoder.step()
-        real.append(runners["base"].attention_mask.sum(dim=1) - runners["base"].lag)
-    budget = torch.tensor([len(ids) for ids in encoded["base"]]) + 6 + 5 + 1
-    assert (real[-1] <= budget).all()
-    assert min(decoder.produced) >= 6 and (real[-1] == real[-2]).all(), "finished rows must not grow"
+    prompts = [PROMPT, OTHER_PROMPT, "w20 w21", "w33 w34 w35"] * 2
+    encoded, runners, decoder = build_decoder(pa, prompts, criterion, gamma=3, seed=5)
+    generated = [[] for _ in prompts]
+    keep = [6, 1, 3]
+    for round_ in range(10):
+        if round_ == 4:
+            produced = [decoder.produced[row] for row in keep]
+            decoder.retain(keep)
+            generated = [generated[row] for row in keep]
+            encoded = {role: [rows[row] for row in keep] for role, rows in encoded.items()}
+            assert decoder.produced == produced and decoder.batch_size == len(keep)
+        step = decoder.step()
+        assert len(step.tokens) == len(generated)
+        for row, tokens in zip(generated, step.tokens, strict=True):
+            row.extend(tokens)
+    for role, runner in runners.items():
+        rolled = runner.next_logits()
+        assert rolled.shape[0] == len(keep)
+        for b, row in enumerate(generated):
+            with torch.no_grad():
+                fresh = pa.models[role](torch.tensor([encoded[role][b] + row])).logits[0, -1]
+            assert torch.allclose(rolled[b], fresh, atol=1e-4, rtol=1e-4), (role, b)
 
 
 def test_rewind_with_nothing_rejected_keeps_the_whole_cache(pa):

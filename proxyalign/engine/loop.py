@@ -1,8 +1,8 @@
 """The generation loop shared by every decoding mode: rows, EOS, stop strings, limits, statistics.
 
-A *decoder* (token-level today) produces a :class:`StepResult` per step: zero or more new tokens per row.
-This loop turns them into per-row text, provenance and stats, and yields a chunk per row and step so
-that ``generate`` and ``stream`` share one code path.
+A *decoder* (token-level or speculative) produces a :class:`StepResult` per step: zero or more new
+tokens per row. This loop turns them into per-row text, provenance and stats, and yields a chunk per
+row and step so that ``generate`` and ``stream`` share one code path.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ class Decoder(Protocol):
         """(forward passes of p, forward passes of q*) so far."""
         ...
 
+    def retain(self, rows: Sequence[int]) -> None:
+        """Go on with only these rows of the current batch, in this order (the others finished)."""
+        ...
+
 
 @dataclass
 class _Row:
@@ -53,16 +57,20 @@ def run_loop(
     eos_ids: Collection[int],
     stop: Sequence[str] = (),
 ) -> Iterator[GenerationChunk]:
-    """Drive ``decoder`` until every row has finished; yield a chunk per row that made progress."""
+    """Drive ``decoder`` until every row has finished; yield a chunk per row that made progress.
+
+    Rows leave the decoder's batch as soon as they finish, so the batch shrinks to the rows still
+    decoding; ``active[slot]`` is the caller's index of the decoder's row ``slot``.
+    """
     rows = [_Row(TextAccumulator(tokenizer, stop), GenerationStats(prompt_tokens=n)) for n in prompt_tokens]
+    active = list(range(len(rows)))
     start = time.perf_counter()
-    while True:
+    while active:
         result = decoder.step()
         now = time.perf_counter() - start
-        for index, row in enumerate(rows):
-            if row.finish_reason is not None:
-                continue
-            chunk = _advance(row, index, result, max_new_tokens, eos_ids)
+        for slot, index in enumerate(active):
+            row = rows[index]
+            chunk = _advance(row, index, slot, result, max_new_tokens, eos_ids)
             if row.finish_reason is not None:
                 row.stats.elapsed_s = now
                 row.stats.base_forwards, row.stats.aligned_forwards = decoder.forward_counts()
@@ -76,21 +84,24 @@ def run_loop(
                 )
             if chunk.token_ids or chunk.text or chunk.finish_reason:
                 yield chunk
-        if all(row.finish_reason is not None for row in rows):
-            return
+        going = [slot for slot, index in enumerate(active) if rows[index].finish_reason is None]
+        if going and len(going) < len(active):
+            decoder.retain(going)
+        active = [active[slot] for slot in going]
 
 
 def _advance(
-    row: _Row, index: int, result: StepResult, max_new_tokens: int, eos_ids: Collection[int]
+    row: _Row, index: int, slot: int, result: StepResult, max_new_tokens: int, eos_ids: Collection[int]
 ) -> GenerationChunk:
-    """Append this step's tokens of one row, stopping at EOS, a stop string or the length limit."""
+    """Append this step's tokens of one row (the decoder's row ``slot``), stopping at EOS, a stop
+    string or the length limit."""
     stats = row.stats
-    stats.drafts += result.drafted[index]
-    stats.rejected_drafts += result.rejected[index]
-    stats.pgm_checks += result.pgm_checked[index]
-    stats.pgm_holds += result.pgm_holds[index]
+    stats.drafts += result.drafted[slot]
+    stats.rejected_drafts += result.rejected[slot]
+    stats.pgm_checks += result.pgm_checked[slot]
+    stats.pgm_holds += result.pgm_holds[slot]
     chunk = GenerationChunk(index=index, text="", token_ids=[], sources=[])
-    for token, code in zip(result.tokens[index], result.sources[index], strict=True):
+    for token, code in zip(result.tokens[slot], result.sources[slot], strict=True):
         source = SOURCE_CODES[code]
         row.token_ids.append(token)
         row.sources.append(source)

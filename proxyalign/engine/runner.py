@@ -55,6 +55,17 @@ class ModelRunner:
         """Feed the queued tokens and return the logits of the last position (``[B, V_model]``)."""
         return self.last_logits(1)[:, -1, :]
 
+    def retain(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices into the batch, in order): finished rows leave the batch.
+
+        A finished row would otherwise go on costing a full row of every forward until the slowest
+        row ends; with long, uneven outputs (evaluation at 512 tokens) that is a large share of the work.
+        """
+        rows = rows.to(self.device)
+        self.cache.batch_select_indices(rows)
+        self.attention_mask = self.attention_mask.index_select(0, rows)
+        self.pending = self.pending.index_select(0, rows)
+
     # -- speculative decoding: several tokens per row in, several positions out, per-row rollback ------
     def push_block(self, tokens: torch.Tensor, visible: torch.Tensor | None = None) -> None:
         """Queue several tokens per row (``[B, n]``, any device), e.g. q*'s drafts for p to score.

@@ -210,13 +210,10 @@ class SpeculativeDecoder:
         row accepted every draft, which the round's host transfer says anyway.
         """
         g = self._round_gamma()
-        done = self._done_rows()
         q_star, drafts = self._draft(g)
         scored = {role: self._score(role, drafts) for role in (BASE, SMALL_BASE) if role in self.runners}
         head = {role: self._positions(role, logits, slice(0, g)) for role, logits in scored.items()}
         outcome = self._check(head[BASE], q_star, head.get(SMALL_BASE), drafts)
-        if done is not None:
-            outcome = outcome._replace(accepted=outcome.accepted.masked_fill(done, 0))
         host = self._to_host(outcome, drafts)
         if host.invalid:
             raise_invalid(self.criterion, outcome.checked)
@@ -226,7 +223,7 @@ class SpeculativeDecoder:
             last = {role: self._positions(role, logits, slice(g, g + 1)) for role, logits in scored.items()}
             tokens, codes = self._bonus(last[BASE], last.get(SMALL_BASE), drafts, complete, tokens, codes)
         token = torch.tensor(tokens, device=self.device)
-        self._roll_back(host.accepted, token, g, any(complete), done)
+        self._roll_back(host.accepted, token, g, any(complete))
         self._account(host.accepted, g)
         rows = zip(host.drafts, host.draft_codes, host.accepted, tokens, codes, strict=True)
         steps = [([*d[:n], t], [*c[:n], code]) for d, c, n, t, code in rows]
@@ -245,16 +242,6 @@ class SpeculativeDecoder:
         if self.max_new_tokens is not None:
             g = min(g, max(0, self.max_new_tokens - min(self.produced) - 1))
         return g
-
-    def _done_rows(self) -> torch.Tensor | None:
-        """Rows that already produced ``max_new_tokens`` (the loop has finished them), or None.
-
-        They keep stepping with the batch, but accept nothing and their new tokens are holes, so their
-        positions stop growing: no row ever runs past ``max_new_tokens + gamma + 1`` positions.
-        """
-        if self.max_new_tokens is None or max(self.produced) < self.max_new_tokens:
-            return None
-        return torch.tensor([n >= self.max_new_tokens for n in self.produced], device=self.device)
 
     # -- models ----------------------------------------------------------------------------------
     def _dists(self, role: str, logits: torch.Tensor) -> Dists:
@@ -392,14 +379,7 @@ class SpeculativeDecoder:
         code_rows = [code_flat[i * g : (i + 1) * g] for i in range(b)]
         return _HostRound(accepted, token, code, draft_rows, code_rows, bool(packed[-1]))
 
-    def _roll_back(
-        self,
-        accepted: list[int],
-        token: torch.Tensor,
-        g: int,
-        q_star_stepped: bool,
-        done: torch.Tensor | None,
-    ) -> None:
+    def _roll_back(self, accepted: list[int], token: torch.Tensor, g: int, q_star_stepped: bool) -> None:
         """Drop every model's rejected drafts from its cache, then queue the round's last token.
 
         p and q were fed all ``g`` drafts; q* the first ``g - 1``, or all ``g`` if it stepped to the
@@ -410,29 +390,30 @@ class SpeculativeDecoder:
         for role, runner in self.runners.items():
             fed = g - 1 if role == ALIGNED and g and not q_star_stepped else g
             runner.rewind(kept, fed, kept_max)
-            if done is None:
-                runner.push(token)
-            else:
-                runner.push_block(token.unsqueeze(-1), visible=~done.unsqueeze(-1))
+            runner.push(token)
 
     def _account(self, accepted: list[int], g: int) -> None:
-        """Batch counters, per-row progress and the gamma schedule, over the rows still producing."""
-        live = [n for n, made in zip(accepted, self.produced, strict=True) if not self._finished(made)]
+        """Batch counters, per-row progress and the gamma schedule."""
         c = self.counters
         c.rounds += 1
-        c.drafted += g * len(live)
-        c.accepted += sum(live)
-        c.checked += sum(n + (n < g) for n in live)
-        c.emitted += sum(live) + len(live)
-        self.produced = [
-            made if self._finished(made) else made + n + 1
-            for made, n in zip(self.produced, accepted, strict=True)
-        ]
-        if live:
-            self.gamma.update(live, g)
+        c.drafted += g * len(accepted)
+        c.accepted += sum(accepted)
+        c.checked += sum(n + (n < g) for n in accepted)
+        c.emitted += sum(accepted) + len(accepted)
+        self.produced = [made + n + 1 for made, n in zip(self.produced, accepted, strict=True)]
+        self.gamma.update(accepted, g)
 
-    def _finished(self, produced: int) -> bool:
-        return self.max_new_tokens is not None and produced >= self.max_new_tokens
+    def retain(self, rows: Sequence[int]) -> None:
+        """Drop finished rows from every model's batch (see :meth:`ModelRunner.retain`).
+
+        Rows leave as soon as they finish, so every row in the batch still needs tokens: the round's
+        gamma is cut to what the row closest to ``max_new_tokens`` still needs, never past it.
+        """
+        index = torch.tensor(list(rows), dtype=torch.long)
+        for runner in self.runners.values():
+            runner.retain(index)
+        self.produced = [self.produced[row] for row in rows]
+        self.batch_size = len(self.produced)
 
     def forward_counts(self) -> tuple[int, int]:
         """(forward passes of p, forward passes of q*) since the call began."""

@@ -13,7 +13,7 @@ strings anyway), plus one more on lazy steps where a draft was rejected.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,7 +38,6 @@ from proxyalign.engine.targets import (
 )
 
 __all__ = ["StepResult", "TokenLevelDecoder"]
-
 
 
 @dataclass
@@ -183,6 +182,13 @@ class TokenLevelDecoder:
             holds.long(),
             checked,
         )
+
+    def retain(self, rows: Sequence[int]) -> None:
+        """Drop finished rows from every model's batch (see :meth:`ModelRunner.retain`)."""
+        index = torch.tensor(list(rows), dtype=torch.long)
+        for runner in self.runners.values():
+            runner.retain(index)
+        self.batch_size = len(index)
 
     def forward_counts(self) -> tuple[int, int]:
         """(forward passes of p, forward passes of q*) since the call began."""
