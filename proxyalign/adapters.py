@@ -211,7 +211,7 @@ def engine_call(
         kwargs["criterion"] = criterion
     if params:
         kwargs["criterion_params"] = params
-    return EngineCall(kwargs, aligner.resolve_criterion(criterion, params))
+    return EngineCall(kwargs, aligner.resolve_criterion(criterion, params, kwargs.get("mode")))
 
 
 def usage(generations: Sequence[Generation]) -> dict[str, int]:

@@ -43,6 +43,9 @@ PerRole = Any  # a value, or a mapping from role ("base", "aligned", "small_base
 #: "sss" is speculative decoding of the ``implicit_reward`` target p q*/q (exact reward-shifted
 #: speculative sampling) and "sss_literal" the SSS paper's unnormalised rule (approximate).
 MODES: tuple[str, ...] = ("token", "speculative", "sss", "sss_literal")
+SSS_MODES: tuple[str, ...] = ("sss", "sss_literal")
+#: The criterion whose target the SSS modes sample (a call in an SSS mode that names none gets it).
+SSS_CRITERION = "implicit_reward"
 
 
 class GenerateOptions(TypedDict, total=False):
@@ -203,9 +206,19 @@ class ProxyAligner:
             )
 
     def resolve_criterion(
-        self, criterion: str | Criterion | None = None, criterion_params: Mapping[str, Any] | None = None
+        self,
+        criterion: str | Criterion | None = None,
+        criterion_params: Mapping[str, Any] | None = None,
+        mode: str | None = None,
     ) -> Criterion:
-        """The criterion of a call: the instance default unless a name/params are given."""
+        """The criterion of a call: the instance default unless a name/params are given.
+
+        A call in an SSS mode (``mode``, else the instance's) that names no criterion gets
+        ``implicit_reward``: those modes sample its target, so naming it as well would be redundant.
+        """
+        sss = (mode or self.defaults.mode) in SSS_MODES
+        if criterion is None and sss and self.criterion.name != SSS_CRITERION:
+            criterion = SSS_CRITERION
         if criterion is None and not criterion_params:
             return self.criterion
         if criterion is None:
@@ -318,7 +331,9 @@ class ProxyAligner:
 
     def _chunks(self, batch: list[Prompt], options: Mapping[str, Any]) -> Iterator[GenerationChunk]:
         config, sampling = self._settings(options)
-        chosen = self.resolve_criterion(options.get("criterion"), options.get("criterion_params"))
+        chosen = self.resolve_criterion(
+            options.get("criterion"), options.get("criterion_params"), config.mode
+        )
         roles = self._active_roles(chosen)
         encoded = self._tokenize(batch, roles, config.max_new_tokens)
         with self._lock:
@@ -352,7 +367,7 @@ class ProxyAligner:
         gamma = GammaSchedule.parse(config.gamma)
         if config.mode == "token" or (config.mode == "speculative" and criterion.always_rejects):
             return TokenLevelDecoder(runners, criterion, sampling, self.vocab_size, generator)
-        if config.mode in ("sss", "sss_literal") and criterion.name != "implicit_reward":
+        if config.mode in SSS_MODES and criterion.name != SSS_CRITERION:
             raise InvalidParameterError(
                 f"mode {config.mode!r} samples SSS's target p*q*/q, which is the 'implicit_reward' "
                 f"criterion; this call uses {criterion.name!r}: pass criterion='implicit_reward' "

@@ -43,7 +43,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
-    group.add_argument("--criterion", default="confidence_bet", help="name or package:name")
+    group.add_argument(
+        "--criterion",
+        default=None,
+        help="name or package:name (default: confidence_bet; implicit_reward in the sss modes)",
+    )
     group.add_argument(
         "--param", action="append", default=[], metavar="NAME=VALUE", help="criterion parameter"
     )
@@ -142,13 +146,14 @@ def _read_prompts(raw: Sequence[str]) -> list[str]:
 
 
 def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
-    from proxyalign.aligner import ProxyAligner
+    from proxyalign.aligner import SSS_CRITERION, SSS_MODES, ProxyAligner
 
+    default = SSS_CRITERION if args.mode in SSS_MODES else "confidence_bet"
     aligner = ProxyAligner.from_pretrained(
         base=args.base,
         aligned=args.aligned,
         small_base=args.small_base,
-        criterion=args.criterion,
+        criterion=args.criterion or default,
         criterion_params=_parse_params(args.param),
         dtype=args.dtype,
         device=args.device,
@@ -170,6 +175,8 @@ def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
         "mode": args.mode,
         "gamma": int(args.gamma) if args.gamma.isdigit() else args.gamma,
     }
+    if args.criterion is not None:  # named on the command line: an sss mode must not replace it
+        options.update(criterion=args.criterion, criterion_params=_parse_params(args.param))
     prompts = _read_prompts(args.prompts)
     if args.json:
         generations = aligner.generate(prompts, **options)

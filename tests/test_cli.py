@@ -100,3 +100,13 @@ def test_bad_input_exits_2_with_a_clear_message(tiny_dirs, args, fragment):
     assert out.returncode == 2
     assert fragment in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_sss_mode_defaults_to_its_criterion_and_refuses_another(tiny_dirs):
+    base, aligned = tiny_dirs
+    common = ["generate", "--base", base, "--aligned", aligned, "--small-base", aligned, "--mode", "sss"]
+    out = run_cli(*common, "--seed", "0", "--max-new-tokens", "4", "--json", "w5")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["criterion"] == "implicit_reward"
+    named = run_cli(*common, "--criterion", "dual_kad", "w5")
+    assert named.returncode == 2 and "implicit_reward" in named.stderr and "Traceback" not in named.stderr

@@ -459,6 +459,17 @@ def test_always_rejecting_criterion_falls_back_to_token_level(pa):
     assert [g.token_ids for g in spec] == [g.token_ids for g in token]
 
 
+def test_sss_modes_default_to_the_implicit_reward_criterion(pa):
+    """A call in an SSS mode that names no criterion samples SSS's target, whatever the default."""
+    assert pa.criterion.name != "implicit_reward"
+    for mode in ("sss", "sss_literal"):
+        options = {"max_new_tokens": 5, "seed": 4, "mode": mode}
+        implicit = pa.generate([PROMPT, OTHER_PROMPT], criterion="implicit_reward", **options)
+        assert [g.token_ids for g in pa.generate([PROMPT, OTHER_PROMPT], **options)] == [
+            g.token_ids for g in implicit
+        ], mode
+
+
 def test_sss_modes_need_the_implicit_reward_criterion(pa):
     with pytest.raises(InvalidParameterError, match="implicit_reward"):
         pa.generate(PROMPT, max_new_tokens=2, mode="sss", criterion="dual_kad")

@@ -169,6 +169,15 @@ def test_engine_options_are_forwarded(tiny: ProxyAligner) -> None:
         make(tiny, engine_kwargs={"not_an_option": 1})
 
 
+def test_sss_mode_reports_the_criterion_it_samples() -> None:
+    """An SSS call names no criterion: it samples implicit_reward's target, and the metadata says so."""
+    from proxyalign.testing import tiny_aligner
+
+    llm = make(tiny_aligner(small_base=True), temperature=0.7, seed=0)
+    info = llm.generate([PROMPT], mode="sss").generations[0][0].generation_info
+    assert info["criterion"] == "implicit_reward"
+
+
 def test_bad_arguments_fail_clearly(tiny: ProxyAligner) -> None:
     llm = make(tiny)
     with pytest.raises(TypeError, match="unknown argument 'temprature'"):
