@@ -13,6 +13,8 @@ from proxyalign.engine.results import FinishReason, Generation, GenerationStats,
 from proxyalign.errors import ProxyAlignError
 from proxyalign.eval import (
     EvalConfig,
+    mcnemar_exact,
+    paired_comparisons,
     parse_methods,
     parse_sweep,
     report_directory,
@@ -90,6 +92,39 @@ def test_sweep_maps_onto_each_criterions_own_parameter():
     assert qualified.target(kad) == "threshold" and qualified.target(cb) is None
     with pytest.raises(ProxyAlignError, match="PARAM=V1"):
         parse_sweep("margin")
+
+
+def test_mcnemar_exact_matches_the_binomial_test():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for wins, losses in [(10, 2), (5, 0), (7, 7), (0, 3), (30, 18)]:
+        expected = scipy_stats.binomtest(wins, wins + losses, 0.5).pvalue
+        assert mcnemar_exact(wins, losses) == pytest.approx(expected, rel=1e-9)
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(10, 2) == pytest.approx(2 * 79 / 4096)
+
+
+def test_paired_comparisons_count_questions_both_answered():
+    def record(method, qid, correct, seed=0):
+        return {
+            "dataset": "d",
+            "split": "test",
+            "method": method,
+            "id": qid,
+            "seed": seed,
+            "correct": correct,
+        }
+
+    records = [record("base", i, i < 3) for i in range(6)] + [
+        record("aligned", i, i % 2 == 0) for i in range(6)
+    ]
+    records += [record("x", i, i >= 2) for i in range(5)]  # question 5 not answered yet
+    pairs = {(p.method, p.baseline): p for p in paired_comparisons(records)}
+    vs_base = pairs[("x", "base")]
+    assert (vs_base.n, vs_base.wins, vs_base.losses) == (5, 2, 2)  # wins on 3, 4; losses on 0, 1
+    vs_aligned = pairs[("x", "aligned")]
+    assert (vs_aligned.n, vs_aligned.wins, vs_aligned.losses) == (5, 1, 1)  # win on 3, loss on 0
+    # the two baselines are compared once (q* alone against p alone), never with themselves
+    assert ("aligned", "base") in pairs and ("base", "aligned") not in pairs and ("base", "base") not in pairs
 
 
 def test_wilson_interval():

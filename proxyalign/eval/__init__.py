@@ -32,7 +32,14 @@ from proxyalign.eval.harness import (
     parse_sweep,
     run_eval,
 )
-from proxyalign.eval.metrics import Summary, summarize, wilson_interval
+from proxyalign.eval.metrics import (
+    Paired,
+    Summary,
+    mcnemar_exact,
+    paired_comparisons,
+    summarize,
+    wilson_interval,
+)
 from proxyalign.eval.prompts import PROMPT_STYLES, build_prompt
 from proxyalign.eval.report import report_directory
 
@@ -42,6 +49,7 @@ __all__ = [
     "EvalConfig",
     "EvalResult",
     "Method",
+    "Paired",
     "Problem",
     "Summary",
     "Sweep",
@@ -57,9 +65,11 @@ __all__ = [
     "load_jsonl",
     "load_splits",
     "math_equal",
+    "mcnemar_exact",
     "normalize_latex",
     "normalize_number",
     "numbers_equal",
+    "paired_comparisons",
     "parse_datasets",
     "parse_methods",
     "parse_sweep",

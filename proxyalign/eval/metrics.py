@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Summary", "summarize", "wilson_interval"]
+__all__ = ["Paired", "Summary", "mcnemar_exact", "paired_comparisons", "summarize", "wilson_interval"]
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -114,4 +114,59 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[Summary]:
                 chosen=bool(first.get("chosen", False)),
             )
         )
+    return rows
+
+
+def mcnemar_exact(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar p-value: are ``wins`` vs ``losses`` (discordant pairs) a fair coin?
+
+    The right test for two methods run on the same questions: only the questions where exactly one of
+    them is right carry information, and under "no difference" each falls either way with probability
+    1/2. Overlapping Wilson intervals, by contrast, say little about a paired difference.
+    """
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+@dataclass
+class Paired:
+    """A method against a baseline on the questions (and seeds) both answered."""
+
+    dataset: str
+    split: str
+    method: str
+    baseline: str
+    n: int  #: questions both answered
+    wins: int  #: the method right, the baseline wrong
+    losses: int  #: the baseline right, the method wrong
+    p_value: float  #: exact McNemar
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def paired_comparisons(
+    records: Iterable[Mapping[str, Any]], baselines: tuple[str, ...] = ("base", "aligned")
+) -> list[Paired]:
+    """Every method against each baseline that ran on the same dataset and split, question by question."""
+    correct: dict[tuple[str, str, str], dict[tuple[str, int], bool]] = defaultdict(dict)
+    for record in records:
+        question = (str(record["id"]), int(record["seed"]))
+        correct[_method_key(record)][question] = bool(record["correct"])
+    rows = []
+    for (dataset, split, method), answers in correct.items():
+        for baseline in baselines:
+            reference = correct.get((dataset, split, baseline))
+            # a baseline meets each baseline listed before it once, and never itself
+            earlier = method in baselines and baselines.index(method) <= baselines.index(baseline)
+            if reference is None or earlier:
+                continue
+            shared = answers.keys() & reference.keys()
+            wins = sum(answers[q] and not reference[q] for q in shared)
+            losses = sum(reference[q] and not answers[q] for q in shared)
+            p_value = mcnemar_exact(wins, losses)
+            rows.append(Paired(dataset, split, method, baseline, len(shared), wins, losses, p_value))
     return rows

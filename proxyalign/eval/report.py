@@ -9,9 +9,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from proxyalign.eval.metrics import Summary, summarize
+from proxyalign.eval.metrics import Paired, Summary, paired_comparisons, summarize
 
-__all__ = ["load_records", "markdown_table", "plot_sweeps", "report_directory", "write_reports"]
+__all__ = [
+    "load_records",
+    "markdown_table",
+    "paired_table",
+    "plot_sweeps",
+    "report_directory",
+    "write_reports",
+]
 
 
 def _pct(value: float | None) -> str:
@@ -49,6 +56,29 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def paired_table(pairs: Sequence[Paired]) -> str:
+    """Each method against p alone and q* alone on the same questions: wins, losses, McNemar p."""
+    if not pairs:
+        return ""
+    names = {"base": "p alone", "aligned": "q* alone"}
+    lines = [
+        "## Paired comparisons\n",
+        "Same questions and seeds for every method, so methods are compared question by question: "
+        "*+w / -l* counts the questions only the method got right / only the baseline got right, and p "
+        "is the exact two-sided McNemar test on those. Above 0.05 this run cannot tell the two apart at "
+        "the 5% level; with several comparisons per table, one p just under 0.05 is weak evidence.\n",
+        "| dataset | method | baseline | questions | + / - | McNemar p |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for pair in pairs:
+        method = names.get(pair.method, f"`{pair.method}`")
+        lines.append(
+            f"| {pair.dataset} ({pair.split}) | {method} | {names.get(pair.baseline, pair.baseline)} | "
+            f"{pair.n} | +{pair.wins} / -{pair.losses} | {pair.p_value:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _tuning_section(tuned: dict[str, dict[str, Any]]) -> str:
@@ -155,7 +185,12 @@ def write_reports(result: Any, config: Any = None) -> Any:
     """Write ``summary.json`` and ``report.md`` (and ``sweep.png``) for an :class:`EvalResult`."""
     output: Path = result.output_dir
     output.mkdir(parents=True, exist_ok=True)
-    payload = {"summaries": [s.as_dict() for s in result.summaries], "tuned": result.tuned}
+    pairs = paired_comparisons(result.records)
+    payload = {
+        "summaries": [s.as_dict() for s in result.summaries],
+        "paired": [p.as_dict() for p in pairs],
+        "tuned": result.tuned,
+    }
     _write_atomic(output / "summary.json", json.dumps(payload, indent=2))
     plot = None
     if config is None or getattr(config, "plot", True):
@@ -167,6 +202,7 @@ def write_reports(result: Any, config: Any = None) -> Any:
         "modes report q*'s draft acceptance instead). *from q\\**: share of output tokens q* produced. "
         "tokens/s: output tokens per second of batched decoding.\n",
         markdown_table(result.summaries),
+        paired_table(pairs),
         _tuning_section(result.tuned),
         _config_section(config),
     ]
