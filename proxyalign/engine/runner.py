@@ -58,8 +58,9 @@ class ModelRunner:
     def retain(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (indices into the batch, in order): finished rows leave the batch.
 
-        A finished row would otherwise go on costing a full row of every forward until the slowest
-        row ends; with long, uneven outputs (evaluation at 512 tokens) that is a large share of the work.
+        A finished row would otherwise stay in every forward (its attention over its cache, its sampling)
+        until the slowest row ends, which with long, uneven outputs (evaluation at 512 tokens) is often
+        hundreds of steps.
         """
         rows = rows.to(self.device)
         self.cache.batch_select_indices(rows)
@@ -67,16 +68,12 @@ class ModelRunner:
         self.pending = self.pending.index_select(0, rows)
 
     # -- speculative decoding: several tokens per row in, several positions out, per-row rollback ------
-    def push_block(self, tokens: torch.Tensor, visible: torch.Tensor | None = None) -> None:
-        """Queue several tokens per row (``[B, n]``, any device), e.g. q*'s drafts for p to score.
-
-        ``visible`` (``[B, n]`` bool) masks tokens out as holes: a row that no longer matters can keep
-        stepping with the batch without its positions growing.
-        """
+    def push_block(self, tokens: torch.Tensor) -> None:
+        """Queue several tokens per row (``[B, n]``, any device), e.g. q*'s drafts for p to score."""
         tokens = tokens.to(self.device, non_blocking=True)
-        mask = torch.ones_like(tokens) if visible is None else visible.to(self.device).to(tokens.dtype)
         self.pending = torch.cat([self.pending, tokens], dim=-1)
-        self.attention_mask = torch.cat([self.attention_mask, mask.to(self.attention_mask.dtype)], dim=-1)
+        visible = self.attention_mask.new_ones(tokens.shape)
+        self.attention_mask = torch.cat([self.attention_mask, visible], dim=-1)
 
     @torch.inference_mode()
     def last_logits(self, keep: int) -> torch.Tensor:

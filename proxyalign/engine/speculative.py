@@ -406,8 +406,8 @@ class SpeculativeDecoder:
     def retain(self, rows: Sequence[int]) -> None:
         """Drop finished rows from every model's batch (see :meth:`ModelRunner.retain`).
 
-        Rows leave as soon as they finish, so every row in the batch still needs tokens: the round's
-        gamma is cut to what the row closest to ``max_new_tokens`` still needs, never past it.
+        Rows leave as soon as they finish, so every row left still needs tokens and none grows past
+        ``max_new_tokens + gamma + 1`` positions.
         """
         index = torch.tensor(list(rows), dtype=torch.long)
         for runner in self.runners.values():
