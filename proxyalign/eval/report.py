@@ -76,7 +76,8 @@ def paired_table(pairs: Sequence[Paired]) -> str:
         method = names.get(pair.method, f"`{pair.method}`")
         lines.append(
             f"| {pair.dataset} ({pair.split}) | {method} | {names.get(pair.baseline, pair.baseline)} | "
-            f"{pair.n} | +{pair.wins} / -{pair.losses} | {pair.p_value:.3f} |"
+            f"{pair.n} | +{pair.wins} / -{pair.losses} | "
+            f"{'<0.001' if pair.p_value < 0.001 else f'{pair.p_value:.3f}'} |"
         )
     return "\n".join(lines) + "\n"
 
