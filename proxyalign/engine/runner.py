@@ -8,12 +8,13 @@ That is all the lazy-q* path needs: q*'s runner simply falls behind and catches 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-__all__ = ["ModelRunner", "left_pad"]
+__all__ = ["ModelRunner", "left_pad", "retain_rows"]
 
 
 def left_pad(
@@ -119,3 +120,11 @@ class ModelRunner:
             tail = (offsets < kept.to(self.device).unsqueeze(-1)).to(self.attention_mask.dtype)
             head = self.attention_mask[:, :-kept_max]
             self.attention_mask = torch.cat([head, self.attention_mask[:, -kept_max:] * tail], dim=-1)
+
+
+def retain_rows(runners: Mapping[str, ModelRunner], rows: Sequence[int]) -> int:
+    """Keep only ``rows`` in every runner's batch (finished rows leave); returns the new batch size."""
+    index = torch.tensor(list(rows), dtype=torch.long)
+    for runner in runners.values():
+        runner.retain(index)
+    return len(index)

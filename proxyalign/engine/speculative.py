@@ -32,7 +32,7 @@ import torch
 from proxyalign import mixture
 from proxyalign.criteria.base import Criterion
 from proxyalign.engine.results import Source
-from proxyalign.engine.runner import ModelRunner
+from proxyalign.engine.runner import ModelRunner, retain_rows
 from proxyalign.engine.sampling import SamplingConfig
 from proxyalign.engine.targets import (
     ALIGNED,
@@ -409,11 +409,8 @@ class SpeculativeDecoder:
         Rows leave as soon as they finish, so every row left still needs tokens and none grows past
         ``max_new_tokens + gamma + 1`` positions.
         """
-        index = torch.tensor(list(rows), dtype=torch.long)
-        for runner in self.runners.values():
-            runner.retain(index)
+        self.batch_size = retain_rows(self.runners, rows)
         self.produced = [self.produced[row] for row in rows]
-        self.batch_size = len(self.produced)
 
     def forward_counts(self) -> tuple[int, int]:
         """(forward passes of p, forward passes of q*) since the call began."""

@@ -22,7 +22,7 @@ import torch
 from proxyalign import mixture
 from proxyalign.criteria.base import Criterion
 from proxyalign.engine.results import Source
-from proxyalign.engine.runner import ModelRunner
+from proxyalign.engine.runner import ModelRunner, retain_rows
 from proxyalign.engine.sampling import SamplingConfig
 from proxyalign.engine.targets import (
     ALIGNED,
@@ -185,10 +185,7 @@ class TokenLevelDecoder:
 
     def retain(self, rows: Sequence[int]) -> None:
         """Drop finished rows from every model's batch (see :meth:`ModelRunner.retain`)."""
-        index = torch.tensor(list(rows), dtype=torch.long)
-        for runner in self.runners.values():
-            runner.retain(index)
-        self.batch_size = len(index)
+        self.batch_size = retain_rows(self.runners, rows)
 
     def forward_counts(self) -> tuple[int, int]:
         """(forward passes of p, forward passes of q*) since the call began."""
