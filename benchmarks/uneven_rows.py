@@ -9,7 +9,7 @@ engine, the rows' lengths, and the share of row-steps a batch that kept finished
 on them (``1 - sum(lengths) / (rows * max(lengths))``).
 
 Rows leave the batch when they finish; to measure what that saves, run this script from a checkout
-before and after that change, interleaved (the figures in docs/performance.md were taken that way).
+before and after that change, back to back (the figures in docs/performance.md were taken that way).
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ def main() -> None:
     aligner = ProxyAligner.from_pretrained(*dirs, dtype="bfloat16", device="cpu")
     problems = load_gsm8k(limit=8, shots=1, progress=False)
     styles = {"base": "fewshot", "aligned": "chat-cot"}
-    for name, roles in (("q* alone (aligned)", ("aligned",)), ("confidence_bet", ("base", "aligned"))):
-        criterion = "aligned" if roles == ("aligned",) else "confidence_bet"
+    methods = [  # (label, criterion, models whose prompts steer the output)
+        ("q* alone", "aligned", ("aligned",)),
+        ("confidence_bet", "confidence_bet", ("base", "aligned")),
+    ]
+    for name, criterion, roles in methods:
         pairs = [method_prompt(p, styles, roles) for p in problems]
         prompts, stops = [prompt for prompt, _ in pairs], pairs[0][1]
         rates, shares = [], []
