@@ -1,28 +1,26 @@
 """``ProxyAligner``: the public face of the engine.
 
 It owns the loaded models (p, q*, and optionally the small base q), their shared tokenizer, per-model
-prompt formats and default generation settings, and turns ``generate`` / ``stream`` calls into runs of
-the decoding loop. Calls are serialised by a lock: the models are shared, and two decodes must never
-interleave in one cache.
+prompt formats and default generation settings. Every call is validated and tokenized here, at the edge,
+and then submitted to the aligner's :class:`~proxyalign.engine.core.Engine`, which keeps one running
+batch that requests from any number of threads and tasks join and leave between decoding steps.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypedDict, Unpack
 
-import torch
-
 from proxyalign.criteria.base import Criterion
-from proxyalign.engine.loop import Decoder, run_loop
+from proxyalign.engine.core import Channel, Engine, Ticket
+from proxyalign.engine.gamma import GammaSchedule
+from proxyalign.engine.request import Request, derive_seed, roles_for
 from proxyalign.engine.results import Generation, GenerationChunk
-from proxyalign.engine.runner import ModelRunner, left_pad
 from proxyalign.engine.sampling import SamplingConfig
-from proxyalign.engine.speculative import GammaSchedule, SpeculativeDecoder
-from proxyalign.engine.token_level import TokenLevelDecoder
+from proxyalign.engine.scheduler import SchedulerConfig
 from proxyalign.errors import InvalidParameterError
 from proxyalign.models import (
     LoadedModel,
@@ -30,7 +28,6 @@ from proxyalign.models import (
     context_window,
     eos_token_ids,
     load_model,
-    model_device,
 )
 from proxyalign.plugins import get_criterion
 from proxyalign.prompts import ROLES, Prompt, is_messages, prompt_for_role, tokenize_prompt, validate_format
@@ -111,10 +108,12 @@ class ProxyAligner:
         generation_config: GenerationConfig | None = None,
         names: Mapping[str, str] | None = None,
         tokenizers: Mapping[str, Any] | None = None,
+        scheduler: SchedulerConfig | None = None,
     ) -> None:
         """Wrap already loaded models (e.g. tiny ones built from a config in tests).
 
         ``tokenizers`` may give each model its own tokenizer object; they must share one vocabulary.
+        ``scheduler`` sets the running batch's limits (rows, prefill chunk, cached tokens).
         """
         self.models: dict[str, Any] = {"base": base, "aligned": aligned}
         if small_base is not None:
@@ -142,7 +141,15 @@ class ProxyAligner:
         self.defaults = generation_config or GenerationConfig()
         self.criterion = get_criterion(criterion, **dict(criterion_params or {}))
         self._check_criterion(self.criterion)
-        self._lock = threading.RLock()
+        self.engine = Engine(
+            self.models,
+            tokenizer,
+            vocab_size=self.vocab_size,
+            eos_ids=self.eos_token_ids,
+            pad_id=self.pad_token_id,
+            windows={role: context_window(model) for role, model in self.models.items()},
+            config=scheduler,
+        )
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -160,6 +167,7 @@ class ProxyAligner:
         trust_remote_code: bool = False,
         prompt_formats: Mapping[str, str] | None = None,
         generation_config: GenerationConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
     ) -> ProxyAligner:
         """Load p, q* (and q) from hub ids, local directories, ``.gguf`` files or offline assets.
 
@@ -195,6 +203,7 @@ class ProxyAligner:
             generation_config=generation_config,
             names={role: item.name for role, item in loaded.items()},
             tokenizers={role: item.tokenizer for role, item in loaded.items()},
+            scheduler=scheduler,
         )
 
     # -- settings ------------------------------------------------------------------------------
@@ -236,28 +245,190 @@ class ProxyAligner:
 
         ``options`` override the instance defaults for this call: ``max_new_tokens``, ``temperature``
         (0 = greedy), ``top_k``, ``top_p``, ``seed``, ``stop``, ``criterion``, ``criterion_params``,
-        ``criterion_on``, ``mode`` and ``gamma`` (see :data:`MODES`).
+        ``criterion_on``, ``mode`` and ``gamma`` (see :data:`MODES`). Safe to call from many threads at
+        once: every call's prompts join the engine's one running batch. With a ``seed``, prompt ``i``
+        samples from its own generator (:func:`~proxyalign.engine.request.derive_seed`), so its tokens
+        do not depend on what else is decoding.
         """
-        batch = self._as_batch(prompts)
-        results: list[Generation | None] = [None] * len(batch)
-        for chunk in self._chunks(batch, options):
-            if chunk.generation is not None:
-                results[chunk.index] = chunk.generation
+        requests = self.requests(self._as_batch(prompts), **options)
+        channel = Channel()
+        tickets = self._submit(requests, channel)
+        results: list[Generation | None] = [None] * len(requests)
+        left = len(requests)
+        try:
+            while left:
+                index, item = channel.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.generation is not None:
+                    results[index] = item.generation
+                    left -= 1
+        finally:
+            self.engine.abort(tickets)
         return [r for r in results if r is not None]
 
     def stream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Iterator[GenerationChunk]:
-        """Stream one prompt's completion; the last chunk carries the whole :class:`Generation`."""
+        """Stream one prompt's completion; the last chunk carries the whole :class:`Generation`.
+
+        Options are checked at once; decoding starts at the first ``next()``. Closing the iterator (or
+        dropping it) aborts the request within one step.
+        """
         if self._looks_like_batch(prompt):
             raise InvalidParameterError("stream() takes one prompt; use stream_batch() for several")
-        yield from self._chunks([prompt], options)
+        return self._stream(self.requests([prompt], **options))
 
     def stream_batch(
         self, prompts: Sequence[Prompt], **options: Unpack[GenerateOptions]
     ) -> Iterator[GenerationChunk]:
-        """Stream several prompts decoded as one batch; chunks say which prompt by ``index``."""
-        yield from self._chunks(self._as_batch(prompts), options)
+        """Stream several prompts decoded side by side; chunks say which prompt by ``index``."""
+        return self._stream(self.requests(self._as_batch(prompts), **options))
+
+    async def agenerate(
+        self, prompts: Prompt | Sequence[Prompt], **options: Unpack[GenerateOptions]
+    ) -> list[Generation]:
+        """:meth:`generate` for asyncio: never blocks the event loop; cancelling it aborts its rows."""
+        requests = self.requests(self._as_batch(prompts), **options)
+        results: list[Generation | None] = [None] * len(requests)
+        async for chunk in self._astream(requests):
+            if chunk.generation is not None:
+                results[chunk.index] = chunk.generation
+        return [r for r in results if r is not None]
+
+    def astream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> AsyncIterator[GenerationChunk]:
+        """:meth:`stream` for asyncio (``async for chunk in pa.astream(...)``); closing or cancelling the
+        iteration aborts the request within one step."""
+        if self._looks_like_batch(prompt):
+            raise InvalidParameterError("astream() takes one prompt; use astream_batch() for several")
+        return self._astream(self.requests([prompt], **options))
+
+    def astream_batch(
+        self, prompts: Sequence[Prompt], **options: Unpack[GenerateOptions]
+    ) -> AsyncIterator[GenerationChunk]:
+        """:meth:`stream_batch` for asyncio."""
+        return self._astream(self.requests(self._as_batch(prompts), **options))
+
+    def as_completed(
+        self, calls: Iterable[tuple[Prompt, Mapping[str, Any]]], *, in_flight: int = 8
+    ) -> Iterator[tuple[int, Generation]]:
+        """Decode many ``(prompt, options)`` calls, ``in_flight`` at a time: as each finishes, the next one
+        joins the running batch, so the batch stays full (an evaluation's long and short answers do not
+        leave rows idle). Yields ``(position, Generation)`` in order of completion. A call's options are
+        checked when it is submitted; an error stops the iteration. Closing the iterator aborts the
+        calls still decoding.
+        """
+        if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
+            raise InvalidParameterError(f"in_flight must be an integer >= 1, got {in_flight!r}")
+        return self._as_completed(iter(enumerate(calls)), in_flight)
+
+    def _as_completed(
+        self, calls: Iterator[tuple[int, tuple[Prompt, Mapping[str, Any]]]], in_flight: int
+    ) -> Iterator[tuple[int, Generation]]:
+        channel = Channel()
+        running: dict[int, Ticket] = {}
+
+        def submit_next() -> bool:
+            item = next(calls, None)
+            if item is None:
+                return False
+            position, (prompt, options) = item
+            (request,) = self.requests([prompt], **options)
+            (running[position],) = self._submit([replace(request, index=position)], channel)
+            return True
+
+        try:
+            while len(running) < in_flight and submit_next():
+                pass
+            while running:
+                position, item = channel.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.generation is not None:
+                    del running[position]
+                    submit_next()
+                    yield position, item.generation
+        finally:
+            self.engine.abort(list(running.values()))
+
+    def status(self) -> dict[str, Any]:
+        """The engine's state: ``{"running": n, "waiting": m, "decoding": ..., "prefilling": ...,
+        "lanes": {...}, "reserved_tokens": ..., "totals": {...}}`` (for monitoring and metrics)."""
+        return self.engine.status()
+
+    def close(self) -> None:
+        """Abort every request and stop the engine thread; the aligner refuses new calls afterwards."""
+        self.engine.close()
+
+    def requests(self, prompts: Sequence[Prompt], **options: Unpack[GenerateOptions]) -> list[Request]:
+        """Validate options and prompts and build one engine :class:`Request` per prompt.
+
+        Everything is checked here, before any model runs: a bad value raises
+        :class:`~proxyalign.InvalidParameterError` naming the parameter.
+        """
+        config, sampling = self._settings(options)
+        chosen = self.resolve_criterion(
+            options.get("criterion"), options.get("criterion_params"), config.mode
+        )
+        if config.mode in SSS_MODES and chosen.name != SSS_CRITERION:
+            raise InvalidParameterError(
+                f"mode {config.mode!r} samples SSS's target p*q*/q, which is the 'implicit_reward' "
+                f"criterion; this call uses {chosen.name!r}: pass criterion='implicit_reward' "
+                "(it needs the small base model, small_base=...)"
+            )
+        GammaSchedule.parse(config.gamma)
+        roles = list(roles_for(chosen))
+        encoded = self._tokenize(prompts, roles, config.max_new_tokens)
+        return [
+            Request(
+                prompt_ids={role: tuple(encoded[role][i]) for role in roles},
+                criterion=chosen,
+                sampling=sampling,
+                max_new_tokens=config.max_new_tokens,
+                stop=config.stop,
+                mode=config.mode,
+                gamma=config.gamma,
+                seed=None if config.seed is None else derive_seed(config.seed, i),
+                index=i,
+            )
+            for i in range(len(prompts))
+        ]
 
     # -- internals -----------------------------------------------------------------------------
+    def _submit(self, requests: list[Request], channel: Channel) -> list[Ticket]:
+        if self.engine.in_engine_thread:
+            raise RuntimeError(
+                "generate()/stream() was called from inside the engine (e.g. from a criterion); "
+                "criteria must be pure functions of distributions"
+            )
+        return self.engine.submit(requests, channel)
+
+    def _stream(self, requests: list[Request]) -> Iterator[GenerationChunk]:
+        channel = Channel()
+        tickets = self._submit(requests, channel)
+        left = len(requests)
+        try:
+            while left:
+                _, item = channel.get()
+                if isinstance(item, BaseException):
+                    raise item
+                left -= item.generation is not None
+                yield item
+        finally:
+            self.engine.abort(tickets)
+
+    async def _astream(self, requests: list[Request]) -> AsyncIterator[GenerationChunk]:
+        channel = Channel(asyncio.get_running_loop())
+        tickets = self._submit(requests, channel)
+        left = len(requests)
+        try:
+            while left:
+                _, item = await channel.aget()
+                if isinstance(item, BaseException):
+                    raise item
+                left -= item.generation is not None
+                yield item
+        finally:
+            self.engine.abort(tickets)
+
     @staticmethod
     def _looks_like_batch(prompts: Any) -> bool:
         return isinstance(prompts, Sequence) and not isinstance(prompts, str) and not is_messages(prompts)
@@ -284,7 +455,10 @@ class ProxyAligner:
         if isinstance(overrides.get("stop"), str):
             overrides["stop"] = (overrides["stop"],)
         elif "stop" in overrides:
-            overrides["stop"] = tuple(overrides["stop"])
+            stop = overrides["stop"]
+            if isinstance(stop, Mapping) or not isinstance(stop, Iterable):
+                raise InvalidParameterError(f"stop must be a string or a list of strings, got {stop!r}")
+            overrides["stop"] = tuple(stop)
         config = replace(self.defaults, **overrides)
         n = config.max_new_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -293,17 +467,16 @@ class ProxyAligner:
             raise InvalidParameterError(f"stop must be a string or a list of strings, got {config.stop!r}")
         if config.mode not in MODES:
             raise InvalidParameterError(f"mode must be one of {', '.join(MODES)}; got {config.mode!r}")
+        seed = config.seed
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63
+        ):
+            raise InvalidParameterError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
         sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.criterion_on)
         return config, sampling
 
-    def _active_roles(self, criterion: Criterion) -> list[str]:
-        roles = ["aligned"] if criterion.always_rejects else ["base", "aligned"]
-        if criterion.needs_small_base:
-            roles.append("small_base")
-        return roles
-
     def _tokenize(
-        self, batch: list[Prompt], roles: list[str], max_new_tokens: int
+        self, batch: Sequence[Prompt], roles: Sequence[str], max_new_tokens: int
     ) -> dict[str, list[list[int]]]:
         encoded: dict[str, list[list[int]]] = {}
         for role in roles:
@@ -320,72 +493,6 @@ class ProxyAligner:
                 rows.append(ids)
             encoded[role] = rows
         return encoded
-
-    def _generator(self, seed: int | None, device: torch.device) -> torch.Generator:
-        generator = torch.Generator(device=device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(int(seed))
-        return generator
-
-    def _chunks(self, batch: list[Prompt], options: Mapping[str, Any]) -> Iterator[GenerationChunk]:
-        config, sampling = self._settings(options)
-        chosen = self.resolve_criterion(
-            options.get("criterion"), options.get("criterion_params"), config.mode
-        )
-        roles = self._active_roles(chosen)
-        encoded = self._tokenize(batch, roles, config.max_new_tokens)
-        with self._lock:
-            runners = {}
-            for role in roles:
-                device = model_device(self.models[role])
-                ids, mask = left_pad(encoded[role], self.pad_token_id, device)
-                runners[role] = ModelRunner(self.models[role], ids, mask)
-            lead = runners["base" if "base" in runners else "aligned"]
-            generator = self._generator(config.seed, lead.device)
-            decoder = self._make_decoder(config, runners, chosen, sampling, generator)
-            prompt_tokens = [len(ids) for ids in encoded[roles[0]]]
-            yield from run_loop(
-                decoder, self.tokenizer, prompt_tokens, config.max_new_tokens, self.eos_token_ids, config.stop
-            )
-
-    def _make_decoder(
-        self,
-        config: GenerationConfig,
-        runners: dict[str, ModelRunner],
-        criterion: Criterion,
-        sampling: SamplingConfig,
-        generator: torch.Generator,
-    ) -> Decoder:
-        """The decoding mode of a call (``config.mode``); every mode samples the same distribution.
-
-        Speculative modes fall back to token level for a criterion that always rejects (q* alone:
-        nothing for p to check). "sss"/"sss_literal" decode the ``implicit_reward`` target and say so
-        when the call's criterion is another one.
-        """
-        gamma = GammaSchedule.parse(config.gamma)
-        if config.mode == "token" or (config.mode == "speculative" and criterion.always_rejects):
-            return TokenLevelDecoder(runners, criterion, sampling, self.vocab_size, generator)
-        if config.mode in SSS_MODES and criterion.name != SSS_CRITERION:
-            raise InvalidParameterError(
-                f"mode {config.mode!r} samples SSS's target p*q*/q, which is the 'implicit_reward' "
-                f"criterion; this call uses {criterion.name!r}: pass criterion='implicit_reward' "
-                "(it needs the small base model, small_base=...)"
-            )
-        if config.mode in MODES:
-            rule = "sss_literal" if config.mode == "sss_literal" else "exact"
-            return SpeculativeDecoder(
-                runners,
-                criterion,
-                sampling,
-                self.vocab_size,
-                generator,
-                gamma=gamma,
-                max_new_tokens=config.max_new_tokens,
-                rule=rule,
-            )
-        raise InvalidParameterError(f"mode must be one of {', '.join(MODES)}; got {config.mode!r}")
 
     def __repr__(self) -> str:
         models = ", ".join(f"{role}={name!r}" for role, name in self.names.items())

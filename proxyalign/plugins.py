@@ -293,6 +293,5 @@ def get_criterion(name: str | Criterion, **params: Any) -> Criterion:
 
 
 def criterion_label(criterion: Criterion) -> str:
-    """``name`` plus its providing package, for error messages."""
-    package = getattr(criterion, "package", None) or type(criterion).__module__.split(".")[0]
-    return f"{criterion.name!r} (package {package})"
+    """``name`` plus its providing package, for error messages (:attr:`Criterion.label`)."""
+    return criterion.label

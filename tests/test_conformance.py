@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from proxyalign import Criterion, Param, TargetCriterion, mixture
+from proxyalign.engine import hybrid
 from proxyalign.plugins import build_registry
 from proxyalign.testing import conformance
 from proxyalign.testing.conformance import (
@@ -247,26 +248,26 @@ def test_kit_catches_broken_criterion(cls: type[Criterion], message: str) -> Non
 def test_sampler_check_catches_a_wrong_resample(monkeypatch: pytest.MonkeyPatch) -> None:
     """A classic bug: resampling from q* *without* the rejected token is not the PGM's target."""
 
-    def excluding_rejected(p, q_star, mu, generator=None, *, greedy=False):
-        w, rejected = mixture.draft(p, mu, generator)
+    def excluding_rejected(p, q_star, mu, u, greedy=None):
+        w, rejected = hybrid.draft_from_p(p, mu, u, greedy)
         without = q_star.scatter(-1, w.unsqueeze(-1), 0.0)
         without = torch.where(without.sum(-1, keepdim=True) > 0, without, q_star)
-        return torch.where(rejected, mixture.sample(without, generator), w), rejected
+        return torch.where(rejected, mixture.inverse_cdf(without, u[:, 2]), w), rejected
 
-    monkeypatch.setattr(mixture, "two_stage_sample", excluding_rejected)
+    monkeypatch.setattr(hybrid, "sample_hybrid", excluding_rejected)
     with pytest.raises(ConformanceError, match="do not follow"):
         conformance.check_sampler("dual_kad")
 
 
 def test_sampler_check_catches_wrong_provenance(monkeypatch: pytest.MonkeyPatch) -> None:
     """Right tokens, wrong labels: provenance must say which model produced each token."""
-    real = mixture.two_stage_sample
+    real = hybrid.sample_hybrid
 
-    def mislabelled(p, q_star, mu, generator=None, *, greedy=False):
-        tokens, rejected = real(p, q_star, mu, generator, greedy=greedy)
+    def mislabelled(p, q_star, mu, u, greedy=None):
+        tokens, rejected = real(p, q_star, mu, u, greedy)
         return tokens, torch.zeros_like(rejected)
 
-    monkeypatch.setattr(mixture, "two_stage_sample", mislabelled)
+    monkeypatch.setattr(hybrid, "sample_hybrid", mislabelled)
     with pytest.raises(ConformanceError, match="rejected drafts"):
         conformance.check_sampler("dual_kad")
 

@@ -118,16 +118,16 @@ def test_batched_and_one_by_one_greedy_agree(aligner):
 def test_finished_rows_leave_the_batch_and_the_others_decode_unchanged(aligner, monkeypatch):
     """Rows ending at different steps (stop strings, EOS, their own limit) drop out of every model's
     batch; the rows still decoding get exactly the tokens they get alone."""
-    from proxyalign.engine.token_level import TokenLevelDecoder
+    from proxyalign.engine.lanes import Lane
 
     sizes: list[int] = []
-    retain = TokenLevelDecoder.retain
+    retain = Lane.retain
 
     def recording_retain(self, rows):
         sizes.append(len(rows))
         retain(self, rows)
 
-    monkeypatch.setattr(TokenLevelDecoder, "retain", recording_retain)
+    monkeypatch.setattr(Lane, "retain", recording_retain)
     prompts = ["w5", "w6 w7 w8 w9 w10 w11", "w12 w13", "<user> w14 </s> <assistant>", "w30 w31"]
     for name in ("base", "dual_kad", "confidence_bet"):
         single = [aligner.generate(p, max_new_tokens=16, temperature=0, criterion=name)[0] for p in prompts]

@@ -21,12 +21,13 @@ import torch
 import proxyalign
 from proxyalign import mixture
 from proxyalign.criteria.base import Criterion
+from proxyalign.engine.gamma import GammaSchedule, expected_tokens
 from proxyalign.engine.results import Source
 from proxyalign.engine.runner import ModelRunner, left_pad
 from proxyalign.engine.sampling import SamplingConfig, logits_to_probs
-from proxyalign.engine.speculative import GammaSchedule, SpeculativeDecoder, expected_tokens
 from proxyalign.errors import CriterionError, InvalidParameterError
 from proxyalign.testing import tiny_model, tiny_tokenizer
+from proxyalign.testing.lanes import prefilled_lane
 from tests.stats import ALPHA, assert_matches, chi_square_pvalue
 
 V = 64
@@ -334,35 +335,24 @@ def test_invalid_gamma_is_rejected(pa, gamma):
 
 
 # -- cache rollback
-def build_decoder(pa, prompts, criterion, gamma, sampling=None, seed=0, max_new_tokens=None):
-    roles = ["base", "aligned"] + (["small_base"] if criterion.needs_small_base else [])
-    encoded = pa._tokenize(prompts, roles, 64)
-    runners = {}
-    for role in roles:
-        ids, mask = left_pad(encoded[role], pa.pad_token_id, torch.device("cpu"))
-        runners[role] = ModelRunner(pa.models[role], ids, mask)
-    decoder = SpeculativeDecoder(
-        runners,
-        criterion,
-        sampling or SamplingConfig(),
-        V,
-        torch.Generator().manual_seed(seed),
-        gamma=GammaSchedule.parse(gamma),
-        max_new_tokens=max_new_tokens,
+def build_lane(pa, prompts, criterion, gamma, seed=0):
+    requests = pa.requests(
+        prompts, criterion=criterion, mode="speculative", gamma=gamma, seed=seed, max_new_tokens=64
     )
-    return encoded, runners, decoder
+    encoded = {role: [list(r.prompt_ids[role]) for r in requests] for role in requests[0].roles}
+    lane = prefilled_lane(pa, requests)
+    return encoded, lane.runners, lane
 
 
 @pytest.mark.parametrize("name", ["confidence_bet", "implicit_reward"])
 def test_rolled_back_caches_equal_a_fresh_forward(pa, name):
     criterion = proxyalign.get_criterion(name)
     prompts = [PROMPT, OTHER_PROMPT, "w20 w21", "w33 w34 w35"] * 2
-    encoded, runners, decoder = build_decoder(pa, prompts, criterion, gamma=4)
+    encoded, runners, lane = build_lane(pa, prompts, criterion, gamma=4)
     generated = [[] for _ in prompts]
     for _ in range(15):
-        step = decoder.step()
-        for row, tokens in zip(generated, step.tokens, strict=True):
-            row.extend(tokens)
+        for row, step in zip(generated, lane.step(), strict=True):
+            row.extend(step.tokens)
     lengths = {len(row) for row in generated}
     assert len(lengths) > 1, "rows should have advanced by different amounts"
     mask = runners["base"].attention_mask
@@ -381,20 +371,20 @@ def test_retained_rows_keep_their_caches_and_progress(pa):
     """Rows that leave mid-generation take their caches with them; the others go on as if alone."""
     criterion = proxyalign.get_criterion("confidence_bet")
     prompts = [PROMPT, OTHER_PROMPT, "w20 w21", "w33 w34 w35"] * 2
-    encoded, runners, decoder = build_decoder(pa, prompts, criterion, gamma=3, seed=5)
+    encoded, runners, lane = build_lane(pa, prompts, criterion, gamma=3, seed=5)
     generated = [[] for _ in prompts]
     keep = [6, 1, 3]
     for round_ in range(10):
         if round_ == 4:
-            produced = [decoder.produced[row] for row in keep]
-            decoder.retain(keep)
+            produced = [lane.rows[row].produced for row in keep]
+            lane.retain(keep)
             generated = [generated[row] for row in keep]
             encoded = {role: [rows[row] for row in keep] for role, rows in encoded.items()}
-            assert decoder.produced == produced and decoder.batch_size == len(keep)
-        step = decoder.step()
-        assert len(step.tokens) == len(generated)
-        for row, tokens in zip(generated, step.tokens, strict=True):
-            row.extend(tokens)
+            assert [row.produced for row in lane.rows] == produced and len(lane) == len(keep)
+        steps = lane.step()
+        assert len(steps) == len(generated)
+        for row, step in zip(generated, steps, strict=True):
+            row.extend(step.tokens)
     for role, runner in runners.items():
         rolled = runner.next_logits()
         assert rolled.shape[0] == len(keep)

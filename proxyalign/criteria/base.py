@@ -9,7 +9,7 @@ declared with :class:`Param` so that every front end (Python, CLI, adapters) val
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -20,6 +20,18 @@ from proxyalign import mixture
 from proxyalign.errors import InvalidParameterError
 
 __all__ = ["Criterion", "Param", "TargetCriterion"]
+
+
+def _log(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else torch.log(t)
+
+
+def _implements(cls: type) -> bool:
+    """Whether a concrete criterion class defines its rule in one of the two spaces."""
+    if issubclass(cls, TargetCriterion):
+        return cls.target is not TargetCriterion.target or cls.log_target is not TargetCriterion.log_target
+    return cls.rejection is not Criterion.rejection or cls.log_rejection is not Criterion.log_rejection
+
 
 #: Distribution names a criterion may read: large base, small aligned, small base.
 DISTRIBUTIONS = frozenset({"p", "q_star", "q"})
@@ -98,6 +110,11 @@ class Criterion(ABC):
         unknown = cls.reads - DISTRIBUTIONS
         if unknown:
             raise TypeError(f"{cls.__name__}.reads names unknown distributions {sorted(unknown)}")
+        if "name" in cls.__dict__ and not _implements(cls):
+            raise TypeError(
+                f"criterion class {cls.__name__} must implement rejection() or log_rejection()"
+                " (a TargetCriterion: target() or log_target())"
+            )
 
     @property
     def needs_small_base(self) -> bool:
@@ -114,11 +131,40 @@ class Criterion(ABC):
         """Whether the criterion is defined by its target rather than by a rejection vector."""
         return False
 
-    @abstractmethod
+    @property
+    def reads_logprobs(self) -> bool:
+        """Whether the engine hands this criterion log-probabilities: true when the class implements
+        :meth:`log_rejection` (a :class:`TargetCriterion`: ``log_target``) rather than the plain method."""
+        return type(self).log_rejection is not Criterion.log_rejection
+
+    @property
+    def label(self) -> str:
+        """The name and the package that provides it, for error messages (set by the registry)."""
+        package = getattr(self, "package", None) or type(self).__module__.split(".")[0]
+        return f"{self.name!r} (package {package})"
+
     def rejection(
         self, p: torch.Tensor, q_star: torch.Tensor | None = None, q: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The rejection probabilities mu (``[B, V]``, in [0, 1]) of p's draft."""
+        """The rejection probabilities mu (``[B, V]``, in [0, 1]) of p's draft.
+
+        Implement this or :meth:`log_rejection`; the default calls the latter with ``log`` of its inputs.
+        """
+        if not self.reads_logprobs:
+            raise NotImplementedError(
+                f"{type(self).__name__} implements neither rejection() nor log_rejection()"
+            )
+        return self.log_rejection(*(_log(t) for t in (p, q_star, q)))  # type: ignore[arg-type]
+
+    def log_rejection(
+        self, log_p: torch.Tensor, log_q_star: torch.Tensor | None = None, log_q: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """mu from log-probabilities (``-inf`` where a token has no mass); optional, see :meth:`rejection`.
+
+        The engine passes exact ``log_softmax`` values, so ratios of probabilities that underflow in
+        float32 stay finite and right.
+        """
+        raise NotImplementedError
 
     def target(self, p: torch.Tensor, q_star: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
         """The closed-form next-token distribution pi (``[B, V]``) this criterion samples from."""
@@ -158,10 +204,24 @@ class TargetCriterion(Criterion):
     def lazy_aligned(self) -> bool:
         return False
 
-    @abstractmethod
-    def target(
-        self, p: torch.Tensor, q_star: torch.Tensor, q: torch.Tensor | None = None
-    ) -> torch.Tensor: ...
+    @property
+    def reads_logprobs(self) -> bool:
+        return type(self).log_target is not TargetCriterion.log_target
+
+    def target(self, p: torch.Tensor, q_star: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+        """pi (``[B, V]``). Implement this or :meth:`log_target`; the default normalises the latter
+        applied to ``log`` of the inputs."""
+        if not self.reads_logprobs:
+            raise NotImplementedError(f"{type(self).__name__} implements neither target() nor log_target()")
+        scores = self.log_target(_log(p), _log(q_star), _log(q))  # type: ignore[arg-type]
+        return torch.softmax(scores, dim=-1)
+
+    def log_target(
+        self, log_p: torch.Tensor, log_q_star: torch.Tensor, log_q: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Unnormalised log-scores of pi from log-probabilities (the engine normalises them with a
+        softmax in float32); optional, see :meth:`target`."""
+        raise NotImplementedError
 
     def rejection(
         self, p: torch.Tensor, q_star: torch.Tensor | None = None, q: torch.Tensor | None = None

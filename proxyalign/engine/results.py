@@ -21,6 +21,8 @@ class Source(StrEnum):
 
 #: Integer codes used on the device; index into this tuple to get the :class:`Source`.
 SOURCE_CODES: tuple[Source, ...] = (Source.BASE, Source.ALIGNED, Source.TARGET, Source.RESIDUAL, Source.BONUS)
+#: The device code of each :class:`Source` (the inverse of :data:`SOURCE_CODES`).
+CODE: dict[Source, int] = {source: code for code, source in enumerate(SOURCE_CODES)}
 
 
 class FinishReason(StrEnum):
@@ -49,9 +51,11 @@ class GenerationStats:
     rejected_drafts: int = 0
     pgm_checks: int = 0  #: steps of a target-defined criterion
     pgm_holds: int = 0  #: of which the target was a rejection PGM
-    elapsed_s: float = 0.0
-    base_forwards: int = 0  #: forward passes of p during the call (shared by the batch)
-    aligned_forwards: int = 0  #: forward passes of q* during the call (shared by the batch)
+    elapsed_s: float = 0.0  #: from submission to the last token (queueing and prefill included)
+    queued_s: float = 0.0  #: waiting for a place in the running batch
+    first_token_s: float | None = None  #: from submission to the first new token
+    base_forwards: int = 0  #: forward passes of p this row took part in (shared with its batch)
+    aligned_forwards: int = 0  #: forward passes of q* this row took part in (shared with its batch)
 
     @property
     def rejection_rate(self) -> float | None:

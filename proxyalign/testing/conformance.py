@@ -26,8 +26,8 @@ What is checked, and why it matters to the engine:
   (trailing exact zeros), two-point, disjoint supports: no NaN, valid output;
 - consistency: ``target == pgm_target(p, q*, mu)`` for PGM criteria; for target-defined criteria the
   PGM decomposition (where it exists) reproduces the target;
-- sampling: the engine's two-stage sampler (``mixture.two_stage_sample``; for target criteria
-  ``pgm_decomposition`` plus direct draws, as the engine does) matches ``target`` — chi-square
+- sampling: the engine's own sampler (:func:`proxyalign.engine.hybrid.sample_hybrid`; for target
+  criteria :func:`~proxyalign.engine.hybrid.sample_target`) matches ``target`` — chi-square
   goodness of fit and total variation against a distribution-free noise bound, for the emitted token,
   for the tokens p kept, for the tokens q* supplied, and for the rejection rate S.
 
@@ -51,8 +51,10 @@ import torch
 
 from proxyalign import mixture
 from proxyalign.criteria.base import DISTRIBUTIONS, Criterion
+from proxyalign.engine import hybrid
+from proxyalign.engine.sampling import Dists
 from proxyalign.errors import InvalidParameterError
-from proxyalign.plugins import criterion_label, get_criterion, get_registry
+from proxyalign.plugins import get_criterion, get_registry
 
 __all__ = [
     "DEFAULT_DRAWS",
@@ -270,18 +272,29 @@ def _as_criterion(criterion: CriterionLike, params: Mapping[str, Any] | None = N
 
 
 def _label(criterion: Criterion) -> str:
-    return criterion_label(criterion)
+    return criterion.label
+
+
+def _dists(batch: Batch, criterion: Criterion) -> tuple[Dists, Dists, Dists | None]:
+    """The batch's distributions as the engine hands them over (q only to criteria that read it)."""
+    q = Dists.from_probs(batch.q) if "q" in criterion.reads else None
+    return Dists.from_probs(batch.p), Dists.from_probs(batch.q_star), q
 
 
 def _mu(criterion: Criterion, batch: Batch) -> torch.Tensor:
-    """mu as the engine asks for it: p alone on the lazy path, q only when declared."""
-    if criterion.lazy_aligned:
-        return criterion.rejection(batch.p)
-    q = batch.q if "q" in criterion.reads else None
-    return criterion.rejection(batch.p, batch.q_star, q)
+    """mu as the engine asks for it (:func:`proxyalign.engine.hybrid.call_rejection`)."""
+    return hybrid.call_rejection(criterion, *_dists(batch, criterion))
 
 
 def _target(criterion: Criterion, batch: Batch) -> torch.Tensor:
+    """pi as the engine asks for it (:func:`proxyalign.engine.hybrid.call_target`); for a PGM criterion
+    its ``target()``, which the consistency check compares with ``pgm_target(p, q*, mu)``."""
+    if not criterion.defines_target:
+        return _call_plain(criterion, batch)
+    return hybrid.call_target(criterion, *_dists(batch, criterion))
+
+
+def _call_plain(criterion: Criterion, batch: Batch) -> torch.Tensor:
     q = batch.q if "q" in criterion.reads else None
     return criterion.target(batch.p, batch.q_star, q)
 
@@ -689,39 +702,34 @@ def check_sampler(
 ) -> list[GoodnessOfFit]:
     """The engine's sampler draws from ``target``: checked per row with ``draws`` fixed-seed draws.
 
-    PGM criteria: ``mixture.two_stage_sample`` — the emitted tokens follow ``target``, the share
-    rejected follows ``S = sum p mu``, kept tokens follow ``p (1 - mu) / (1 - S)`` and replacements
-    follow q*. Target criteria: two stages with the ``pgm_decomposition`` mu where it exists, a direct
-    draw from ``target`` elsewhere (what the engine does). Returns the fit of every emitted-token test.
+    PGM criteria: :func:`proxyalign.engine.hybrid.sample_hybrid` — the emitted tokens follow ``target``,
+    the share rejected follows ``S = sum p mu``, kept tokens follow ``p (1 - mu) / (1 - S)`` and
+    replacements follow q*. Target criteria: :func:`~proxyalign.engine.hybrid.sample_target` (two stages
+    where the target is a PGM, a direct draw elsewhere). Returns the fit of every emitted-token test.
     """
     crit = _as_criterion(criterion)
     batch = (batch if batch is not None else _sampler_batch(DEFAULT_VOCAB, seed)).to(device)
-    generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     fits: list[GoodnessOfFit] = []
     for i, name in enumerate(batch.names):
         row = batch.select([i])
         target = _target(crit, row)[0]
+        vocab = target.shape[-1]
+        p, q_star = (t.expand(draws, vocab).contiguous() for t in (row.p, row.q_star))
+        u = torch.rand((draws, 3), generator=generator, dtype=torch.float64).to(device)
         if crit.defines_target:
-            decomposition = mixture.pgm_decomposition(row.p, row.q_star, target.unsqueeze(0))
-            holds, mu = bool(decomposition.holds[0]), decomposition.mu
+            draw = hybrid.sample_target(p, q_star, target.expand(draws, vocab).contiguous(), u)
+            tokens, from_aligned = draw.tokens, draw.rejected
+            holds = bool(draw.drafted.all())
+            mu = mixture.pgm_decomposition(row.p, row.q_star, target.unsqueeze(0)).mu
         else:
             holds, mu = True, _mu(crit, row)
-        vocab = target.shape[-1]
-        if holds:
-            tokens, from_aligned = mixture.two_stage_sample(
-                row.p.expand(draws, vocab).contiguous(),
-                row.q_star.expand(draws, vocab).contiguous(),
-                mu.expand(draws, vocab).contiguous(),
-                generator,
-            )
-        else:
-            tokens = mixture.sample(target.expand(draws, vocab).contiguous(), generator)
-            from_aligned = None
+            tokens, from_aligned = hybrid.sample_hybrid(p, q_star, mu.expand(draws, vocab).contiguous(), u)
         fit = goodness_of_fit(torch.bincount(tokens, minlength=vocab), target)
         fits.append(fit)
         if not fit.ok:
             raise _fail(crit, f"sampled tokens do not follow target for {name!r}: {fit}")
-        if from_aligned is None:
+        if not holds:
             continue
         rate = float(mixture.rejection_rate(row.p, mu)[0])
         rejected = int(from_aligned.sum())
