@@ -1,14 +1,13 @@
 """Framework-neutral glue for ecosystem adapters (LangChain, LlamaIndex, ...) over :class:`ProxyAligner`.
 
 Nothing here decodes: every token comes from the engine. This module turns an adapter's settings and
-call kwargs into engine arguments, shares loaded models between adapters in one process, and bridges
-the engine's blocking streams to asyncio. It knows no framework: the integration packages import it.
+call kwargs into engine arguments, shares loaded models between adapters in one process, and folds
+the engine's streams into chunks that carry text. It knows no framework: the integration packages
+import it. Sync and async calls alike go straight to the engine's running batch.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import dataclasses
 import functools
 import inspect
@@ -17,22 +16,22 @@ import threading
 import typing
 import weakref
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import closing, nullcontext, suppress
+from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from proxyalign import Criterion, Generation, GenerationChunk, ProxyAligner, Source
 from proxyalign.models import context_window
 
 __all__ = [
     "EngineCall",
+    "acoalesce",
     "chat_prompt",
     "coalesce",
     "default_criterion",
     "effective_settings",
     "engine_call",
     "engine_parameters",
-    "iterate_in_thread",
     "min_context_window",
     "model_name",
     "provenance",
@@ -40,8 +39,6 @@ __all__ = [
     "summary",
     "usage",
 ]
-
-T = TypeVar("T")
 
 #: Common names for engine arguments (OpenAI/LangChain ``max_tokens``).
 ALIASES = {"max_tokens": "max_new_tokens"}
@@ -243,61 +240,35 @@ def coalesce(chunks: Iterator[GenerationChunk]) -> Iterator[GenerationChunk]:
 
     The engine holds text back while it might still begin a stop string (and some tokens decode to
     nothing); callbacks should not see empty tokens, but no token's provenance may be lost. Every
-    chunk yielded has text or ends its row. Closing this generator closes the engine's stream.
+    chunk yielded has text or ends its row. Closing this generator closes the engine's stream (which
+    aborts the request).
     """
-    pending: dict[int, tuple[list[int], list[Source]]] = {}
+    folder = _Folder()
     with closing(chunks):  # type: ignore[type-var]
         for chunk in chunks:
-            token_ids, sources = pending.pop(chunk.index, ([], []))
-            token_ids, sources = token_ids + chunk.token_ids, sources + chunk.sources
-            if not chunk.text and chunk.generation is None:
-                pending[chunk.index] = (token_ids, sources)
-                continue
-            yield dataclasses.replace(chunk, token_ids=token_ids, sources=sources)
+            if (out := folder.fold(chunk)) is not None:
+                yield out
 
 
-async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-    """Drive a blocking iterator in a worker thread and hand its items to the event loop.
-
-    Decoding takes seconds of CPU/GPU time; running it in the loop would stall every other task. If
-    the consumer stops early, the producer stops after its current item and closes the engine's
-    stream, which releases the engine's lock.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
-    cancelled = threading.Event()
-
-    def post(done: bool, item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (done, item))
-        except RuntimeError:  # the loop is gone: nobody is listening any more
-            cancelled.set()
-
-    def produce() -> None:
-        try:
-            iterator = make_iterator()
-            with closing(iterator) if hasattr(iterator, "close") else nullcontext():  # type: ignore[type-var]
-                for item in iterator:
-                    if cancelled.is_set():
-                        return
-                    post(False, item)
-        except BaseException as exc:  # re-raised in the consumer
-            post(True, exc)
-        else:
-            post(True, None)
-
-    context = contextvars.copy_context()  # tracing/callback context, as asyncio.to_thread would pass it
-    producer = loop.run_in_executor(None, context.run, produce)
+async def acoalesce(chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+    """:func:`coalesce` for the engine's async streams (``ProxyAligner.astream``)."""
+    folder = _Folder()
     try:
-        while True:
-            done, item = await queue.get()
-            if done:
-                if item is not None:
-                    raise item
-                return
-            yield item
+        async for chunk in chunks:
+            if (out := folder.fold(chunk)) is not None:
+                yield out
     finally:
-        cancelled.set()
-        if not producer.done():
-            with suppress(BaseException):
-                await asyncio.shield(producer)
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+class _Folder:
+    def __init__(self) -> None:
+        self.pending: dict[int, tuple[list[int], list[Source]]] = {}
+
+    def fold(self, chunk: GenerationChunk) -> GenerationChunk | None:
+        token_ids, sources = self.pending.pop(chunk.index, ([], []))
+        token_ids, sources = token_ids + chunk.token_ids, sources + chunk.sources
+        if not chunk.text and chunk.generation is None:
+            self.pending[chunk.index] = (token_ids, sources)
+            return None
+        return dataclasses.replace(chunk, token_ids=token_ids, sources=sources)

@@ -1,18 +1,16 @@
 """``ChatProxyAlign``: the hybrid decoder as a LangChain chat model.
 
 Messages are handed to the engine as ``{"role", "content"}`` dicts, which it renders with the aligned
-model's chat template. ``batch``/``abatch``/``generate`` decode all their prompts in one engine call
-while keeping LangChain's per-prompt callbacks, caching and tracing (see :class:`_BatchPlan`).
+model's chat template. Every call, sync or async, joins the engine's one running batch, so LangChain's
+``batch``/``abatch`` (one invoke per prompt, in threads or tasks) decode side by side.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import threading
+import contextvars
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
-from contextvars import ContextVar
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -29,13 +27,13 @@ from langchain_core.messages import (
 )
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
-from langchain_core.runnables import Runnable, RunnableConfig
-from proxyalign import Generation, ProxyAligner
+from langchain_core.runnables import Runnable
+from proxyalign import Generation, GenerationChunk
 from proxyalign.adapters import (
     EngineCall,
+    acoalesce,
     chat_prompt,
     coalesce,
-    iterate_in_thread,
     provenance,
     summary,
     usage,
@@ -56,9 +54,6 @@ _NOT_TEXT = (
 _NO_TOOLS = (
     "ChatProxyAlign does not support tool calling or structured output: the two models decode "
     "plain text token by token. Parse the text yourself (e.g. with an output parser)."
-)
-_CALL_META = frozenset(
-    {"tags", "metadata", "run_name", "run_id", "ls_structured_output_format", "structured_output_format"}
 )
 
 
@@ -95,53 +90,6 @@ def to_engine_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
 def transcript(messages: Sequence[BaseMessage]) -> str:
     """A chat as plain text, for a model prompted without a chat template."""
     return get_buffer_string(messages, human_prefix="User", ai_prefix="Assistant") + "\nAssistant:"
-
-
-def _prompt_key(prompt: Any) -> str:
-    return json.dumps(prompt, sort_keys=True)
-
-
-class _BatchPlan:
-    """The prompts of one ``batch``/``generate`` call, decoded together by the first one to need a result.
-
-    LangChain runs a chat model's batch as one ``invoke`` per prompt (threads or tasks), each with its
-    own callbacks, cache lookup and trace. Rather than re-implement that, ``batch`` announces its prompts
-    here; the first ``_generate`` that finds its prompt in the plan decodes every prompt in one engine
-    call and the others pick up their rows. A prompt that is not in the plan (different settings, a
-    cache hit, a streaming path) simply decodes alone, so the plan can only save work, never change
-    which distribution a result comes from.
-    """
-
-    def __init__(self, aligner: ProxyAligner, prompts: list[Any], call: EngineCall) -> None:
-        self.aligner = aligner
-        self.prompts = prompts
-        self.call = call
-        self.keys = {_prompt_key(p) for p in prompts}
-        self._lock = threading.Lock()
-        self._results: dict[str, list[Generation]] | None = None
-        self._failed = False
-
-    def take(self, aligner: ProxyAligner, prompt: Any, call: EngineCall) -> Generation | None:
-        key = _prompt_key(prompt)
-        if aligner is not self.aligner or call.key != self.call.key or key not in self.keys:
-            return None
-        with self._lock:
-            if self._results is None and not self._failed:
-                try:
-                    generations = self.aligner.generate(self.prompts, **self.call.kwargs)
-                except Exception:  # each prompt then decodes alone and reports its own error
-                    self._failed = True
-                else:
-                    self._results = {}
-                    for p, generation in zip(self.prompts, generations, strict=True):
-                        self._results.setdefault(_prompt_key(p), []).append(generation)
-            if self._results is None:
-                return None
-            bucket = self._results.get(key)
-            return bucket.pop(0) if bucket else None
-
-
-_PLAN: ContextVar[_BatchPlan | None] = ContextVar("langchain_proxyalign_batch_plan", default=None)
 
 
 class ChatProxyAlign(ProxyAlignSettings, BaseChatModel):
@@ -233,14 +181,7 @@ class ChatProxyAlign(ProxyAlignSettings, BaseChatModel):
         as_text = self.messages_to_prompt or transcript
         return chat_prompt(self.aligner, to_engine_messages(messages), lambda: as_text(list(messages)))
 
-    def _decode(self, messages: list[BaseMessage], call: EngineCall) -> Generation:
-        prompt = self._prompt(messages)
-        plan = _PLAN.get()
-        if plan is not None and (generation := plan.take(self.aligner, prompt, call)) is not None:
-            return generation
-        return self.aligner.generate([prompt], **call.kwargs)[0]
-
-    # -- sync / async generation -----------------------------------------------------------------------
+    # -- sync / async generation: every call joins the engine's running batch -------------------------
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -249,7 +190,7 @@ class ChatProxyAlign(ProxyAlignSettings, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         call = self._engine_call(stop, kwargs)
-        return self._result(self._decode(messages, call), call)
+        return self._result(self.aligner.generate([self._prompt(messages)], **call.kwargs)[0], call)
 
     async def _agenerate(
         self,
@@ -258,9 +199,10 @@ class ChatProxyAlign(ProxyAlignSettings, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        """Decoding runs in a worker thread, so the event loop keeps serving other tasks."""
+        """Awaits the engine (never blocks the event loop); cancelling the call aborts its row."""
         call = self._engine_call(stop, kwargs)
-        return self._result(await asyncio.to_thread(self._decode, messages, call), call)
+        generations = await self.aligner.agenerate([self._prompt(messages)], **call.kwargs)
+        return self._result(generations[0], call)
 
     def _stream(
         self,
@@ -275,18 +217,9 @@ class ChatProxyAlign(ProxyAlignSettings, BaseChatModel):
         to the next chunk. The last chunk has the usage, the statistics and ``chunk_position="last"``.
         """
         call = self._engine_call(stop, kwargs)
-        prompt = self._prompt(messages)
-        with closing(coalesce(self.aligner.stream(prompt, **call.kwargs))) as chunks:
+        with closing(coalesce(self.aligner.stream(self._prompt(messages), **call.kwargs))) as chunks:
             for chunk in chunks:
-                info: dict[str, Any] = provenance(chunk.token_ids, chunk.sources)
-                message = AIMessageChunk(content=chunk.text)
-                if chunk.generation is not None:
-                    info.update(summary(chunk.generation, self.model_name, call.criterion))
-                    usage_metadata = self._usage(chunk.generation)
-                    message = AIMessageChunk(
-                        content=chunk.text, usage_metadata=usage_metadata, chunk_position="last"
-                    )
-                yield ChatGenerationChunk(message=message, generation_info=info)
+                yield self._chunk(chunk, call)
 
     async def _astream(
         self,
@@ -295,57 +228,21 @@ class ChatProxyAlign(ProxyAlignSettings, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        async for chunk in iterate_in_thread(lambda: self._stream(messages, stop=stop, **kwargs)):
-            yield chunk
+        call = self._engine_call(stop, kwargs)
+        async for chunk in acoalesce(self.aligner.astream(self._prompt(messages), **call.kwargs)):
+            yield self._chunk(chunk, call)
 
-    # -- batching: one engine call for many prompts ----------------------------------------------------
-    @contextmanager
-    def _planned(
-        self, prompts: Sequence[Callable[[], list[BaseMessage]]], kwargs: Mapping[str, Any]
-    ) -> Iterator[None]:
-        """Announce a batch's prompts (see :class:`_BatchPlan`) unless an outer call already did."""
-        plan = None
-        if len(prompts) > 1 and _PLAN.get() is None:
-            call_kwargs = {k: v for k, v in kwargs.items() if k not in _CALL_META and k != "stop"}
-            try:
-                call = self._engine_call(kwargs.get("stop"), call_kwargs)
-                converted = [self._prompt(get()) for get in prompts]
-            except Exception:  # every prompt will report the problem on its own
-                converted = []
-            if converted:
-                plan = _BatchPlan(self.aligner, converted, call)
-        token = _PLAN.set(plan) if plan is not None else None
-        try:
-            yield
-        finally:
-            if token is not None:
-                _PLAN.reset(token)
+    def _chunk(self, chunk: GenerationChunk, call: EngineCall) -> ChatGenerationChunk:
+        info: dict[str, Any] = provenance(chunk.token_ids, chunk.sources)
+        message = AIMessageChunk(content=chunk.text)
+        if chunk.generation is not None:
+            info.update(summary(chunk.generation, self.model_name, call.criterion))
+            message = AIMessageChunk(
+                content=chunk.text, usage_metadata=self._usage(chunk.generation), chunk_position="last"
+            )
+        return ChatGenerationChunk(message=message, generation_info=info)
 
-    def _messages_of(self, inputs: Sequence[LanguageModelInput]) -> list[Callable[[], list[BaseMessage]]]:
-        return [lambda x=x: self._convert_input(x).to_messages() for x in inputs]
-
-    def batch(
-        self,
-        inputs: list[LanguageModelInput],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[AIMessage]:
-        with self._planned(self._messages_of(inputs), kwargs):
-            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-
-    async def abatch(
-        self,
-        inputs: list[LanguageModelInput],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[AIMessage]:
-        with self._planned(self._messages_of(inputs), kwargs):
-            return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-
+    # -- several prompts of one legacy ``generate`` call: side by side, not one after another ------------
     def generate(
         self,
         messages: list[list[BaseMessage]],
@@ -353,15 +250,20 @@ class ChatProxyAlign(ProxyAlignSettings, BaseChatModel):
         callbacks: Any = None,
         **kwargs: Any,
     ) -> LLMResult:
-        with self._planned([lambda m=m: m for m in messages], {**kwargs, "stop": stop}):
+        """LangChain's chat ``generate`` decodes its prompts one after another; here each prompt is a
+        call of its own in a thread of its own, so they all join the engine's running batch (``batch``
+        and ``agenerate`` do this already). Callbacks, caching and tracing are LangChain's, per prompt."""
+        if len(messages) < 2:
             return super().generate(messages, stop=stop, callbacks=callbacks, **kwargs)
 
-    async def agenerate(
-        self,
-        messages: list[list[BaseMessage]],
-        stop: list[str] | None = None,
-        callbacks: Any = None,
-        **kwargs: Any,
-    ) -> LLMResult:
-        with self._planned([lambda m=m: m for m in messages], {**kwargs, "stop": stop}):
-            return await super().agenerate(messages, stop=stop, callbacks=callbacks, **kwargs)
+        def one(prompt: list[BaseMessage]) -> LLMResult:
+            return BaseChatModel.generate(self, [prompt], stop=stop, callbacks=callbacks, **kwargs)
+
+        with ThreadPoolExecutor(max_workers=len(messages)) as pool:
+            contexts = [contextvars.copy_context() for _ in messages]
+            results = list(pool.map(lambda c, m: c.run(one, m), contexts, messages))
+        return LLMResult(
+            generations=[result.generations[0] for result in results],
+            llm_output=self._combine_llm_outputs([result.llm_output for result in results]),
+            run=[info for result in results for info in (result.run or [])],
+        )

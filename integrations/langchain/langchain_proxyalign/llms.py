@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import closing
 from typing import Any
@@ -14,7 +13,7 @@ from langchain_core.outputs import Generation as LCGeneration
 from langchain_core.outputs import GenerationChunk as LCGenerationChunk
 from langchain_core.outputs import LLMResult
 from proxyalign import Generation, GenerationChunk
-from proxyalign.adapters import EngineCall, coalesce, iterate_in_thread, provenance, summary, usage
+from proxyalign.adapters import EngineCall, acoalesce, coalesce, provenance, summary, usage
 from pydantic import ConfigDict
 
 from langchain_proxyalign._settings import ProxyAlignSettings
@@ -26,7 +25,8 @@ class ProxyAlignLLM(ProxyAlignSettings, LLM):
     """A large base model decoding with a small aligned model's alignment, as a LangChain ``LLM``.
 
     Prompts are plain text; each model sees them in its own prompt format (set on the aligner).
-    ``batch``/``generate`` over several prompts is one batched engine call.
+    ``generate`` over several prompts submits them together; concurrent calls (``batch``, threads,
+    tasks) share the engine's running batch.
 
     >>> from proxyalign.testing import tiny_aligner
     >>> llm = ProxyAlignLLM(aligner=tiny_aligner(), max_tokens=4, temperature=0)
@@ -121,7 +121,7 @@ class ProxyAlignLLM(ProxyAlignSettings, LLM):
                     run_manager.on_llm_new_token(chunk.text, chunk=piece)
                 yield piece
 
-    # -- async: decoding runs in a worker thread so the event loop keeps serving other tasks ----------
+    # -- async: straight to the engine's running batch; the event loop never blocks ---------------------
     async def _agenerate(
         self,
         prompts: list[str],
@@ -131,11 +131,9 @@ class ProxyAlignLLM(ProxyAlignSettings, LLM):
     ) -> LLMResult:
         call = self._engine_call(stop, kwargs)
         if not (self.streaming and run_manager):
-            generations = await asyncio.to_thread(self.aligner.generate, list(prompts), **call.kwargs)
-            return self._result(generations, call)
+            return self._result(await self.aligner.agenerate(list(prompts), **call.kwargs), call)
         results: list[Generation | None] = [None] * len(prompts)
-        stream = lambda: coalesce(self.aligner.stream_batch(list(prompts), **call.kwargs))  # noqa: E731
-        async for chunk in iterate_in_thread(stream):
+        async for chunk in acoalesce(self.aligner.astream_batch(list(prompts), **call.kwargs)):
             await run_manager.on_llm_new_token(chunk.text, chunk=self._chunk(chunk, call, len(prompts)))
             if chunk.generation is not None:
                 results[chunk.index] = chunk.generation
@@ -149,7 +147,7 @@ class ProxyAlignLLM(ProxyAlignSettings, LLM):
         **kwargs: Any,
     ) -> AsyncIterator[LCGenerationChunk]:
         call = self._engine_call(stop, kwargs)
-        async for chunk in iterate_in_thread(lambda: coalesce(self.aligner.stream(prompt, **call.kwargs))):
+        async for chunk in acoalesce(self.aligner.astream(prompt, **call.kwargs)):
             piece = self._chunk(chunk, call)
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=piece)

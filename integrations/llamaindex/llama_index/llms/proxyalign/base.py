@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import closing
 from typing import Any
 
@@ -23,7 +22,7 @@ from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from proxyalign import Generation, ProxyAligner, Source, adapters
+from proxyalign import Generation, GenerationChunk, ProxyAligner, Source, adapters
 
 __all__ = ["ProxyAlign", "to_engine_messages"]
 
@@ -195,26 +194,16 @@ class ProxyAlign(CustomLLM):
         """Deltas as the engine releases them. Like ``text``, ``raw["token_ids"/"token_sources"]`` grow
         with the stream (``raw["delta_token_*"]`` are this step's); the last response adds usage and
         statistics."""
-        text = ""
-        token_ids: list[int] = []
-        sources: list[Source] = []
+        responses = _Responses(self, call)
         with closing(adapters.coalesce(self._aligner.stream(prompt, **call.kwargs))) as chunks:
             for chunk in chunks:
-                text += chunk.text
-                token_ids += chunk.token_ids
-                sources += chunk.sources
-                raw = {
-                    **adapters.provenance(token_ids, sources),
-                    **{
-                        f"delta_{k}": v
-                        for k, v in adapters.provenance(chunk.token_ids, chunk.sources).items()
-                    },
-                }
-                usage = {}
-                if chunk.generation is not None:
-                    raw.update(self._raw(chunk.generation, call))
-                    usage = adapters.usage([chunk.generation])
-                yield CompletionResponse(text=text, delta=chunk.text, raw=raw, additional_kwargs=usage)
+                yield responses.add(chunk)
+
+    async def _astream(self, prompt: Any, call: adapters.EngineCall) -> AsyncIterator[CompletionResponse]:
+        """:meth:`_stream` on the engine's async stream: closing it aborts the request."""
+        responses = _Responses(self, call)
+        async for chunk in adapters.acoalesce(self._aligner.astream(prompt, **call.kwargs)):
+            yield responses.add(chunk)
 
     @staticmethod
     def _as_chat(response: CompletionResponse) -> ChatResponse:
@@ -259,12 +248,12 @@ class ProxyAlign(CustomLLM):
         prompt = self._chat_prompt(messages)
         return (self._as_chat(response) for response in self._stream(prompt, call))
 
-    # -- async: decoding runs in a worker thread so the event loop keeps serving other tasks ----------
+    # -- async: straight to the engine's running batch; the event loop never blocks ---------------------
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         call = self._call(kwargs)
         text = self._complete_prompt(prompt, formatted)
-        generations = await asyncio.to_thread(self._aligner.generate, [text], **call.kwargs)
+        generations = await self._aligner.agenerate([text], **call.kwargs)
         return self._completion(generations[0], call)
 
     @llm_completion_callback()
@@ -272,14 +261,12 @@ class ProxyAlign(CustomLLM):
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
         call = self._call(kwargs)
-        text = self._complete_prompt(prompt, formatted)
-        return adapters.iterate_in_thread(lambda: self._stream(text, call))
+        return self._astream(self._complete_prompt(prompt, formatted), call)
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         call = self._call(kwargs)
-        prompt = self._chat_prompt(messages)
-        generations = await asyncio.to_thread(self._aligner.generate, [prompt], **call.kwargs)
+        generations = await self._aligner.agenerate([self._chat_prompt(messages)], **call.kwargs)
         return self._as_chat(self._completion(generations[0], call))
 
     @llm_chat_callback()
@@ -288,7 +275,7 @@ class ProxyAlign(CustomLLM):
         prompt = self._chat_prompt(messages)
 
         async def responses() -> ChatResponseAsyncGen:
-            async for response in adapters.iterate_in_thread(lambda: self._stream(prompt, call)):
+            async for response in self._astream(prompt, call):
                 yield self._as_chat(response)
 
         return responses()
@@ -314,3 +301,27 @@ class ProxyAlign(CustomLLM):
 
     async def apredict_and_call(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(_NO_TOOLS)
+
+
+class _Responses:
+    """Accumulates a stream's text and provenance into LlamaIndex responses."""
+
+    def __init__(self, llm: ProxyAlign, call: adapters.EngineCall) -> None:
+        self.llm, self.call = llm, call
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.sources: list[Source] = []
+
+    def add(self, chunk: GenerationChunk) -> CompletionResponse:
+        self.text += chunk.text
+        self.token_ids += chunk.token_ids
+        self.sources += chunk.sources
+        raw = {
+            **adapters.provenance(self.token_ids, self.sources),
+            **{f"delta_{k}": v for k, v in adapters.provenance(chunk.token_ids, chunk.sources).items()},
+        }
+        usage = {}
+        if chunk.generation is not None:
+            raw.update(self.llm._raw(chunk.generation, self.call))
+            usage = adapters.usage([chunk.generation])
+        return CompletionResponse(text=self.text, delta=chunk.text, raw=raw, additional_kwargs=usage)
