@@ -21,7 +21,7 @@ from proxyalign.eval import (
     run_eval,
     wilson_interval,
 )
-from proxyalign.eval.harness import Method, batch_seed, provenance, resolve_method
+from proxyalign.eval.harness import Method, provenance, question_seed, resolve_method
 from proxyalign.testing import save_tiny_pair
 
 WORDS = ["w5 w6 w7", "w8 w9", "w10 w11 w12", "w13", "w14 w15", "w16 w17", "w18 w19", "w20"]
@@ -135,9 +135,10 @@ def test_wilson_interval():
     assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
-def test_batch_seed_and_provenance():
-    assert batch_seed(0, "gsm8k", "test", 0) == batch_seed(0, "gsm8k", "test", 0)
-    assert len({batch_seed(s, d, "test", b) for s in (0, 1) for d in ("a", "b") for b in (0, 1)}) == 8
+def test_question_seed_and_provenance():
+    assert question_seed(0, "gsm8k", "test", "q0") == question_seed(0, "gsm8k", "test", "q0")
+    seeds = {question_seed(s, d, "test", q) for s in (0, 1) for d in ("a", "b") for q in ("q0", "q1")}
+    assert len(seeds) == 8
     assert provenance([Source.BASE, Source.BASE, Source.ALIGNED, Source.BASE]) == "p2 q1 p1"
 
 
@@ -151,8 +152,8 @@ def test_run_writes_records_and_reports_with_same_questions_and_seeds(aligner, t
     }
     ids = [[r["id"] for r in rows] for rows in by_method.values()]
     assert ids[0] == ids[1] == ids[2] == ["tiny-0", "tiny-1", "tiny-2", "tiny-3"]
-    seeds = [[r["batch"]["seed"] for r in rows] for rows in by_method.values()]
-    assert seeds[0] == seeds[1] == seeds[2] and seeds[0][0] == seeds[0][1] != seeds[0][2]
+    seeds = [[r["question_seed"] for r in rows] for rows in by_method.values()]
+    assert seeds[0] == seeds[1] == seeds[2] and len(set(seeds[0])) == 4
     record = by_method["confidence_bet[margin=0.2]"][0]
     for field in (
         "output",
@@ -184,17 +185,17 @@ def test_run_writes_records_and_reports_with_same_questions_and_seeds(aligner, t
 
 
 class Interrupting:
-    """Lets ``after`` generate calls through, then raises KeyboardInterrupt (a Ctrl-C mid-run)."""
+    """Lets ``after`` requests finish, then raises KeyboardInterrupt (a Ctrl-C mid-run)."""
 
     def __init__(self, inner, after):
-        self.inner, self.after, self.calls = inner, after, 0
+        self.inner, self.after = inner, after
         self.names = inner.names
 
-    def generate(self, prompts, **options):
-        if self.calls >= self.after:
-            raise KeyboardInterrupt
-        self.calls += 1
-        return self.inner.generate(prompts, **options)
+    def as_completed(self, calls, in_flight):
+        for done, item in enumerate(self.inner.as_completed(calls, in_flight=in_flight)):
+            if done >= self.after:
+                raise KeyboardInterrupt
+            yield item
 
 
 def test_interrupted_run_resumes_without_duplicates_and_with_the_same_results(aligner, tmp_path, tiny_data):
@@ -204,7 +205,7 @@ def test_interrupted_run_resumes_without_duplicates_and_with_the_same_results(al
 
     config = _config(tmp_path, tiny_data, output_dir=tmp_path / "resumed")
     with pytest.raises(KeyboardInterrupt):
-        run_eval(Interrupting(aligner, after=3), config)  # batches run question-major: 3 of 4 done
+        run_eval(Interrupting(aligner, after=6), config)  # 6 of 8 (question, method) pairs done
     partial = _lines(tmp_path / "resumed")
     assert len(partial) == 6
     # a crash in the middle of writing: the last record is cut in half, the one before lost
@@ -234,6 +235,10 @@ class Scripted:
         self.names = {"base": "scripted-p", "aligned": "scripted-q"}
         self.right = right  # criterion -> the parameter value that answers correctly
         self.calls = []
+
+    def as_completed(self, calls, in_flight):
+        for position, (prompt, options) in enumerate(calls):
+            yield position, self.generate([prompt], **options)[0]
 
     def generate(self, prompts, **options):
         self.calls.append(options)

@@ -69,7 +69,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--seed", default="0", help="seed, or comma-separated seeds (default 0)")
-    decoding.add_argument("--batch-size", type=int, default=8)
+    decoding.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="requests in flight: as one question finishes, the next joins the running batch (default 8)",
+    )
     decoding.add_argument("--max-new-tokens", type=int, default=512)
     decoding.add_argument("--temperature", type=float, default=0.7)
     decoding.add_argument("--top-k", type=int)

@@ -1,15 +1,15 @@
-"""The evaluation loop: datasets x methods x seeds, batched, resumable, with margin tuning on a dev split.
+"""The evaluation loop: datasets x methods x seeds, resumable, with margin tuning on a dev split.
 
-Every method sees the same questions, the same prompts and the same seeds: questions are cut into fixed
-batches (``batch_size`` consecutive questions) and batch ``k`` of a dataset and split is decoded with
-the seed derived from ``(seed, dataset, split, k)`` whatever the method. Batches run question-major
-(batch 1 with every method, then batch 2 …), so an interrupted run leaves comparable partial results.
+Every method sees the same questions, the same prompts and the same seeds: question ``i`` of a dataset
+and split is decoded with the seed derived from ``(seed, dataset, split, id)`` whatever the method, and
+each request has its own generator, so its tokens do not depend on what decodes beside it. Work runs
+question-major (question 1 with every method, then question 2 …) through the engine's running batch,
+``batch_size`` requests at a time: as one finishes, the next joins, so the batch stays full.
 
 Each finished instance is one JSON line in ``<output>/records.jsonl``, written with one ``write`` and
-flushed to disk. A rerun skips every instance whose key (dataset, split, method and parameters, seed,
-instance id) is already there; a batch that was only partly written is decoded again as the same batch
-(same questions, same seed) and only its missing lines are added, so a resumed run gives the same
-results as an uninterrupted one (with the same batch size).
+flushed to disk as soon as it is decoded. A rerun skips every instance whose key (dataset, split,
+method and parameters, seed, instance id) is already there, so a resumed run gives the same results as
+an uninterrupted one, whatever the batch size.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import os
 import re
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -350,9 +349,11 @@ def _check_run_file(output: Path, fingerprint: dict[str, Any], details: dict[str
 
 
 # -- decoding --------------------------------------------------------------------------------------
-def batch_seed(seed: int, dataset: str, split: str, batch: int) -> int:
-    """The seed of one batch: the same for every method, different across batches, datasets, seeds."""
-    digest = hashlib.sha256(f"{seed}/{dataset}/{split}/{batch}".encode()).digest()
+def question_seed(seed: int, dataset: str, split: str, instance: str) -> int:
+    """The seed of one question: the same for every method, different across questions, datasets and
+    seeds. Each request has its own generator, so a question samples the same tokens whatever else is
+    decoding beside it (and however a run was split, interrupted or resumed)."""
+    digest = hashlib.sha256(f"{seed}/{dataset}/{split}/{instance}".encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
@@ -379,6 +380,9 @@ class _Job:
     seed: int
     sweep_param: str | None = None
 
+    def key(self, problem: Problem) -> str:
+        return record_key(self.dataset, self.split, self.method.label, self.seed, problem.id)
+
 
 class _Runner:
     def __init__(self, aligner: Any, config: EvalConfig, store: RecordStore, models: dict[str, str]) -> None:
@@ -388,101 +392,72 @@ class _Runner:
         self.models = models
         self.new_instances = 0
 
-    def missing(self, job: _Job, problems: Sequence[Problem]) -> int:
-        return sum(
-            record_key(job.dataset, job.split, job.method.label, job.seed, p.id) not in self.store
-            for p in problems
-        )
-
     def run(self, jobs: Sequence[_Job], problems: Sequence[Problem], desc: str) -> None:
-        """Decode every job over ``problems``, question-major, skipping what the store already has."""
+        """Decode every (question, method) pair the store lacks, question-major, ``batch_size`` at a time
+        in the engine's running batch: a finished question is replaced by the next one at once."""
         if not jobs or not problems:
             return
-        size = max(1, int(self.config.batch_size))
-        batches = [problems[i : i + size] for i in range(0, len(problems), size)]
+        todo = [(job, p) for p in problems for job in jobs if job.key(p) not in self.store]
         total = len(jobs) * len(problems)
-        todo = sum(self.missing(job, problems) for job in jobs)
-        bar = _progress(total, total - todo, desc, self.config.progress)
+        bar = _progress(total, total - len(todo), desc, self.config.progress)
+        calls = (self._call(job, problem) for job, problem in todo)
         try:
-            for index, batch in enumerate(batches):
-                for job in jobs:
-                    if self.missing(job, batch):
-                        bar.set_postfix_str(job.method.label, refresh=True)
-                        bar.update(self._decode(job, index, batch))
+            for position, generation in self.aligner.as_completed(calls, in_flight=self.config.batch_size):
+                job, problem = todo[position]
+                self.store.append([self._record(job, problem, generation)])
+                self.new_instances += 1
+                bar.set_postfix_str(job.method.label, refresh=False)
+                bar.update(1)
         finally:
             bar.close()
 
-    def _decode(self, job: _Job, index: int, batch: Sequence[Problem]) -> int:
+    def _call(self, job: _Job, problem: Problem) -> tuple[Any, dict[str, Any]]:
         config = self.config
-        roles = job.method.roles
-        prompts, stops = [], ()
-        for problem in batch:
-            prompt, stops = method_prompt(problem, config.prompts, roles)
-            prompts.append(prompt)
-        seed = batch_seed(job.seed, job.dataset, job.split, index)
-        started = time.perf_counter()
-        generations = self.aligner.generate(
-            prompts,
-            criterion=job.method.criterion,
-            criterion_params=job.method.param_dict,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            criterion_on=config.criterion_on,
-            seed=seed,
-            stop=list(stops),
-            mode=config.mode,
-            gamma=config.gamma,
-        )
-        elapsed = time.perf_counter() - started
-        batch_info = {
-            "uid": uuid.uuid4().hex[:12],
-            "index": index,
-            "size": len(batch),
-            "seed": seed,
-            "new_tokens": sum(g.stats.new_tokens for g in generations),
-            "elapsed_s": round(elapsed, 4),
+        prompt, stops = method_prompt(problem, config.prompts, job.method.roles)
+        return prompt, {
+            "criterion": job.method.criterion,
+            "criterion_params": job.method.param_dict,
+            "max_new_tokens": config.max_new_tokens,
+            "temperature": config.temperature,
+            "top_k": config.top_k,
+            "top_p": config.top_p,
+            "criterion_on": config.criterion_on,
+            "seed": question_seed(job.seed, job.dataset, job.split, problem.id),
+            "stop": list(stops),
+            "mode": config.mode,
+            "gamma": config.gamma,
         }
-        records = []
-        for position, (problem, generation) in enumerate(zip(batch, generations, strict=True)):
-            key = record_key(job.dataset, job.split, job.method.label, job.seed, problem.id)
-            if key in self.store:
-                continue
-            extracted, correct = score(
-                generation.text, problem.answer, problem.kind, problem.labels, problem.choices
-            )
-            counts: dict[str, int] = {}
-            for source in generation.sources:
-                counts[str(source)] = counts.get(str(source), 0) + 1
-            records.append(
-                {
-                    "key": key,
-                    "dataset": job.dataset,
-                    "split": job.split,
-                    "id": problem.id,
-                    "method": job.method.label,
-                    "criterion": job.method.criterion,
-                    "params": job.method.param_dict,
-                    "sweep_param": job.sweep_param,
-                    "seed": job.seed,
-                    "mode": config.mode,
-                    "kind": problem.kind,
-                    "gold": problem.answer,
-                    "extracted": extracted,
-                    "correct": bool(correct),
-                    "output": generation.text,
-                    "finish_reason": str(generation.finish_reason),
-                    "sources": counts,
-                    "provenance": provenance(generation.sources),
-                    "stats": generation.stats.as_dict(),
-                    "batch": {**batch_info, "row": position},
-                    "models": self.models,
-                }
-            )
-        self.store.append(records)
-        self.new_instances += len(records)
-        return len(records)
+
+    def _record(self, job: _Job, problem: Problem, generation: Any) -> dict[str, Any]:
+        extracted, correct = score(
+            generation.text, problem.answer, problem.kind, problem.labels, problem.choices
+        )
+        counts: dict[str, int] = {}
+        for source in generation.sources:
+            counts[str(source)] = counts.get(str(source), 0) + 1
+        return {
+            "key": job.key(problem),
+            "dataset": job.dataset,
+            "split": job.split,
+            "id": problem.id,
+            "method": job.method.label,
+            "criterion": job.method.criterion,
+            "params": job.method.param_dict,
+            "sweep_param": job.sweep_param,
+            "seed": job.seed,
+            "question_seed": question_seed(job.seed, job.dataset, job.split, problem.id),
+            "mode": self.config.mode,
+            "kind": problem.kind,
+            "gold": problem.answer,
+            "extracted": extracted,
+            "correct": bool(correct),
+            "output": generation.text,
+            "finish_reason": str(generation.finish_reason),
+            "sources": counts,
+            "provenance": provenance(generation.sources),
+            "stats": generation.stats.as_dict(),
+            "models": self.models,
+        }
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ class Summary:
     from_aligned: float | None  #: share of output tokens produced by q*
     new_tokens: int
     mean_new_tokens: float
-    tokens_per_s: float | None  #: output tokens per second of wall time, batches as decoded
+    tokens_per_s: float | None  #: output tokens per second of each request, decoding beside the others
     truncated: int  #: instances that hit max_new_tokens
     seeds: tuple[int, ...]
     modes: tuple[str, ...]
@@ -59,6 +59,21 @@ class Summary:
 
 def _method_key(record: Mapping[str, Any]) -> tuple[str, str, str]:
     return record["dataset"], record["split"], record["method"]
+
+
+def _tokens_per_s(items: Sequence[Mapping[str, Any]], stats: Sequence[Mapping[str, Any]]) -> float | None:
+    """Output tokens per second a request saw (its tokens over its own time, decoding in the shared
+    batch). Records of older runs, decoded in fixed batches, carry their batch's wall time instead."""
+    batches: dict[str, tuple[int, float]] = {}
+    for r in items:
+        batch = r.get("batch") or {}
+        if batch.get("uid"):
+            batches[batch["uid"]] = (int(batch.get("new_tokens", 0)), float(batch.get("elapsed_s", 0.0)))
+    if batches:
+        elapsed = sum(e for _, e in batches.values())
+        return sum(t for t, _ in batches.values()) / elapsed if elapsed > 0 else None
+    elapsed = sum(float(s.get("elapsed_s", 0.0)) for s in stats)
+    return sum(int(s.get("new_tokens", 0)) for s in stats) / elapsed if elapsed > 0 else None
 
 
 def summarize(records: Iterable[Mapping[str, Any]]) -> list[Summary]:
@@ -81,12 +96,7 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[Summary]:
         spec_rejected = sum(s.get("rejected_drafts", 0) for s in speculative)
         new_tokens = sum(s.get("new_tokens", 0) for s in stats)
         from_aligned = sum(s.get("tokens_from_aligned", 0) for s in stats)
-        batches: dict[str, tuple[int, float]] = {}
-        for r in items:
-            batch = r.get("batch") or {}
-            if batch.get("uid"):
-                batches[batch["uid"]] = (int(batch.get("new_tokens", 0)), float(batch.get("elapsed_s", 0.0)))
-        elapsed = sum(e for _, e in batches.values())
+        tokens_per_s = _tokens_per_s(items, stats)
         first = items[0]
         rows.append(
             Summary(
@@ -106,7 +116,7 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[Summary]:
                 from_aligned=from_aligned / new_tokens if new_tokens else None,
                 new_tokens=new_tokens,
                 mean_new_tokens=new_tokens / n if n else 0.0,
-                tokens_per_s=sum(t for t, _ in batches.values()) / elapsed if elapsed > 0 else None,
+                tokens_per_s=tokens_per_s,
                 truncated=sum(r.get("finish_reason") == "length" for r in items),
                 seeds=tuple(sorted({int(r["seed"]) for r in items})),
                 modes=modes,

@@ -201,7 +201,7 @@ def write_reports(result: Any, config: Any = None) -> Any:
         "Accuracy is exact match after answer extraction; the interval is a 95% Wilson score interval. "
         "Rejection rate: share of p's drafts the criterion rejected (token-level mode only; speculative "
         "modes report q*'s draft acceptance instead). *from q\\**: share of output tokens q* produced. "
-        "tokens/s: output tokens per second of batched decoding.\n",
+        "tokens/s: output tokens per second of a request, decoding beside the others in flight.\n",
         markdown_table(result.summaries),
         paired_table(pairs),
         _tuning_section(result.tuned),
