@@ -8,6 +8,7 @@
 from proxyalign.aligner import GenerationConfig, ProxyAligner
 from proxyalign.criteria.base import Criterion, Param, TargetCriterion
 from proxyalign.engine.results import FinishReason, Generation, GenerationChunk, GenerationStats, Source
+from proxyalign.engine.scheduler import SchedulerConfig
 from proxyalign.errors import (
     CriterionError,
     InvalidParameterError,
@@ -32,6 +33,7 @@ __all__ = [
     "Param",
     "ProxyAlignError",
     "ProxyAligner",
+    "SchedulerConfig",
     "Source",
     "TargetCriterion",
     "TokenizerMismatchError",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -253,22 +251,6 @@ def test_per_model_prompts_and_formats():
     rendered = tiny_tokenizer().apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert len(tiny_tokenizer()(rendered)["input_ids"]) > 2
     assert pa.generate(chat, max_new_tokens=3, seed=0)[0].stats.new_tokens == 3
-
-
-def test_concurrent_calls_are_serialised(aligner):
-    expected = aligner.generate([PROMPT, "w9"], max_new_tokens=10, seed=21, criterion="confidence_bet")
-    results = [None] * 4
-
-    def work(i):
-        results[i] = aligner.generate([PROMPT, "w9"], max_new_tokens=10, seed=21, criterion="confidence_bet")
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for r in results:
-        assert [g.token_ids for g in r] == [g.token_ids for g in expected]
 
 
 def test_greedy_target_criterion_is_argmax_of_target(aligner_with_q):
