@@ -257,3 +257,10 @@ def test_greedy_target_criterion_is_argmax_of_target(aligner_with_q):
     g = aligner_with_q.generate(PROMPT, max_new_tokens=1, temperature=0)[0]
     target = first_token_target(aligner_with_q, proxyalign.get_criterion("implicit_reward"))
     assert g.token_ids[0] == int(np.argmax(target.numpy()))
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-6])
+def test_a_vanishing_temperature_decodes_greedily(aligner, temperature):
+    greedy = aligner.generate(PROMPT, max_new_tokens=12, temperature=0, criterion="confidence_bet")[0]
+    tiny = aligner.generate(PROMPT, max_new_tokens=12, temperature=temperature, criterion="confidence_bet")[0]
+    assert tiny.token_ids == greedy.token_ids and tiny.sources == greedy.sources

@@ -26,7 +26,7 @@ from proxyalign.errors import InvalidParameterError
 __all__ = ["Dists", "RowSampling", "SamplingConfig", "logits_to_probs", "model_dists"]
 
 CriterionOn = Literal["scaled", "raw"]
-#: Smallest positive temperature: below it, float32 logits divided by it overflow to inf.
+#: Temperatures below this decode greedily: float32 logits divided by a tinier one can overflow to inf.
 MIN_TEMPERATURE = 1e-4
 #: top_p of a row that does not filter: above any cumulative sum, so rounding can never drop a token.
 _NO_TOP_P = 2.0
@@ -47,10 +47,8 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         t = self.temperature
-        if not _is_number(t) or not math.isfinite(t) or t < 0 or (0 < t < MIN_TEMPERATURE):
-            raise InvalidParameterError(
-                f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got {t!r}"
-            )
+        if not _is_number(t) or not math.isfinite(t) or t < 0:
+            raise InvalidParameterError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         if self.top_k is not None and (
             isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
         ):
@@ -64,7 +62,9 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or one so small (below :data:`MIN_TEMPERATURE`) that dividing float32 logits by
+        it would overflow: both take the argmax."""
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def filters(self) -> bool:
@@ -93,7 +93,7 @@ class RowSampling:
 
     @classmethod
     def from_configs(cls, configs: Sequence[SamplingConfig], device: torch.device | str) -> RowSampling:
-        temps = [1.0 if c.greedy else float(c.temperature) for c in configs]
+        temps = [1.0 if c.greedy else float(c.temperature) for c in configs]  # greedy: argmax, any scale
         top_k = [c.top_k or 0 for c in configs]
         top_p = [float(c.top_p) if c.top_p is not None and c.top_p < 1 else _NO_TOP_P for c in configs]
         raw = [c.raw_view and ((not c.greedy and c.temperature != 1) or c.filters) for c in configs]
