@@ -13,6 +13,7 @@ import gc
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,7 +23,10 @@ from proxyalign.engine.core import Channel
 from proxyalign.engine.scheduler import SchedulerConfig
 from proxyalign.testing import tiny_model, tiny_tokenizer
 from proxyalign.testing.lanes import manual_engine
+from tests.reference import assert_checks, check, hybrid_pi
 from tests.stats import assert_matches
+from tests.test_sampling_filters import PROMPT as FILTER_PROMPT
+from tests.test_sampling_filters import first_logits
 from tests.test_speculative import assert_exact, exact_sequences, perturbed
 
 PROMPT = "w9"
@@ -90,6 +94,66 @@ def test_newcomers_joining_a_running_batch_sample_the_exact_distribution(pa, mod
     assert engine.status()["running"] > 0, "the earlier rows should still be decoding"
     gens = [done[i] for i in range(N)]
     assert_exact(gens, exact_sequences(pa, PROMPT, criterion, n), n, f"{mode} {name} joining")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", [PROMPT, "w5 w6 w7"])
+@pytest.mark.parametrize(
+    ("name", "params"), [("dual_kad", {"threshold": 0.2}), ("confidence_bet", {"margin": 0.1})]
+)
+def test_newcomers_joining_a_lane_whose_q_star_lags(pa, prompt, name, params):
+    """Running rows decode with ``base`` (lazy, never rejects), so q*'s queue grows by a token per step
+    and newcomers' q* queues are padded with holes when they join; a newcomer with a longer prompt also
+    brings a cache of its own to merge. Their first two tokens must still follow the exact distribution."""
+    criterion = proxyalign.get_criterion(name, **params)
+    engine = manual_engine(pa, max_rows=N + 64, max_prefill_tokens=1 << 20)
+    running = pa.requests([LONG, "w7 w8", LONG + " w31 w32"] * 4, max_new_tokens=60, seed=3, criterion="base")
+    engine.submit(running, Channel())
+    for _ in range(3):
+        engine.step()
+    lag = engine._lanes[("token", ("base", "aligned"))].runners["aligned"].lag
+    assert lag >= 3, f"q* should lag behind: lag {lag}"
+    newcomers = pa.requests([prompt] * N, max_new_tokens=2, seed=5, criterion=criterion)
+    channel, done = Channel(), {}
+    run(engine, channel, engine.submit(newcomers, channel), done)
+    assert engine.status()["running"] > 0
+    exact = exact_sequences(pa, prompt, criterion, 2)
+    assert_exact([done[i] for i in range(N)], exact, 2, f"{name} joining a lagging lane after {prompt!r}")
+
+
+# -- every row its own settings ------------------------------------------------------------------------
+SETTINGS_CASES = [  # (the leading row's settings, the N rows' settings, criterion)
+    ({"temperature": 2.0}, {"temperature": 0.5}, ("dual_kad", {"threshold": 0.1})),
+    ({"temperature": 0.0}, {"temperature": 0.6}, ("base", {})),
+    ({"temperature": 1.0}, {"temperature": 0.5, "top_k": 5}, ("confidence_bet", {"margin": 0.1})),
+    ({"temperature": 0.4, "top_p": 0.5}, {"temperature": 1.5, "top_p": 0.95}, ("aligned", {})),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["token", "speculative"])
+@pytest.mark.parametrize(("leader", "mine", "criterion"), SETTINGS_CASES)
+def test_rows_beside_a_row_with_other_settings_sample_their_own(aligner, leader, mine, criterion, mode):
+    """A row with other sampling settings is row 0 of the batch; the N rows behind it follow pi computed
+    independently (float64 numpy, tests/reference.py) with *their* temperature, top-k and top-p."""
+    name, params = criterion
+    criterion = proxyalign.get_criterion(name, **params)
+    if mode == "speculative" and name == "aligned":
+        pytest.skip("q* alone decodes token by token")
+    engine = manual_engine(aligner, max_rows=N + 8, max_prefill_tokens=1 << 20)
+    first = aligner.requests(["w9 w10"], max_new_tokens=40, seed=1, criterion=criterion, mode=mode, **leader)
+    engine.submit(first, Channel())
+    rows = aligner.requests(
+        [FILTER_PROMPT] * N, max_new_tokens=1, seed=2, criterion=criterion, mode=mode, **mine
+    )
+    channel, done = Channel(), {}
+    run(engine, channel, engine.submit(rows, channel), done)
+    assert engine.status()["running"] == 1, "the leading row should decode beside them to the end"
+    pi = hybrid_pi(
+        criterion, first_logits(aligner), mine["temperature"], mine.get("top_k"), mine.get("top_p")
+    )
+    tokens = np.array([done[i].token_ids[0] for i in range(N)])
+    assert_checks([check(tokens, pi, f"{name} {mine} beside {leader}")])
 
 
 # -- seeds ---------------------------------------------------------------------------------------------
@@ -293,6 +357,29 @@ def test_an_abandoned_iterator_aborts_its_row(fresh):
     gc.collect()
     wait_until(lambda: idle(fresh))
     assert fresh.generate("w5", max_new_tokens=3, temperature=0)[0].stats.new_tokens == 3
+
+
+@pytest.mark.parametrize("mode", ["token", "speculative"])
+def test_an_aborted_row_leaves_the_batch_at_the_next_step_and_posts_nothing_more(pa, mode):
+    engine = manual_engine(pa)
+    others = engine.submit(pa.requests([LONG, "w5"], max_new_tokens=50, seed=1, mode=mode), Channel())
+    channel = Channel()
+    (victim,) = engine.submit(pa.requests(["w7 w8"], max_new_tokens=200, seed=2, mode=mode), channel)
+    for _ in range(3):
+        engine.step()
+    assert engine.status()["decoding"] == 3
+    produced = len(victim.output.token_ids)
+    while channel.get_nowait() is not None:
+        pass
+    engine.abort([victim])
+    engine.step()
+    assert engine.status()["decoding"] == 2, "the aborted row should have left the batch"
+    assert all(row.ticket is not victim for lane in engine._lanes.values() for row in lane.rows)
+    for _ in range(3):
+        engine.step()
+    assert len(victim.output.token_ids) == produced, "an aborted row must not decode on"
+    assert channel.get_nowait() is None, "an aborted row must post nothing more"
+    assert engine.status()["totals"]["aborted"] == 1 and not any(t.finished for t in others)
 
 
 async def test_a_cancelled_or_timed_out_agenerate_aborts_its_rows(fresh):
