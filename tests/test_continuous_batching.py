@@ -250,6 +250,20 @@ def test_a_long_newcomer_is_prefilled_in_chunks_while_the_others_decode(pa):
     assert done[0].token_ids == pa.generate(LONG + " " + LONG, max_new_tokens=6, temperature=0)[0].token_ids
 
 
+def test_models_with_prompts_of_different_lengths_are_prefilled_in_chunks():
+    """p gets plain text, q* its chat template (longer): one model's prefill ends chunks before the
+    other's. Every row then decodes exactly as alone."""
+    aligner = proxyalign.testing.tiny_aligner(prompt_formats={"base": "plain", "aligned": "chat"})
+    engine, channel, done = manual_engine(aligner, max_prefill_tokens=3), Channel(), {}
+    prompts = ["w5 w6 w7 w8 w9 w10", "w11"]
+    options = {"max_new_tokens": 8, "temperature": 0, "criterion": "confidence_bet"}
+    tickets = engine.submit(aligner.requests(prompts, **options), channel)
+    run(engine, channel, tickets, done)
+    assert [done[i].token_ids for i in range(2)] == [
+        g.token_ids for g in aligner.generate(prompts, **options)
+    ]
+
+
 def test_a_newcomer_gets_its_first_token_in_the_step_after_it_arrives(pa):
     engine, channel = manual_engine(pa), Channel()
     engine.submit(pa.requests([LONG] * 3, max_new_tokens=30), Channel())

@@ -18,7 +18,7 @@ import torch
 
 from proxyalign.engine.gamma import GammaSchedule
 from proxyalign.engine.request import LaneKey, Request
-from proxyalign.engine.runner import ModelRunner, left_pad
+from proxyalign.engine.runner import ModelRunner, keeps_a_hole, left_pad
 from proxyalign.errors import InvalidParameterError
 
 __all__ = ["PrefillJob", "SchedulerConfig", "reserved_tokens"]
@@ -76,7 +76,7 @@ class PrefillJob:
             model = models[role]
             device = model.get_input_embeddings().weight.device
             prompts = [t.request.prompt_ids[role] for t in self.tickets]
-            ids, mask = left_pad([p[:-1] for p in prompts], pad_id, device)
+            ids, mask = left_pad([p[:-1] for p in prompts], pad_id, device, lead=int(keeps_a_hole(device)))
             self.runners[role] = ModelRunner(model, ids, mask)
             self._last[role] = torch.tensor([p[-1] for p in prompts], dtype=torch.long)
 
