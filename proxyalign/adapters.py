@@ -176,6 +176,7 @@ def engine_call(
     """
     accepted = engine_parameters(aligner)
     given: dict[str, Any] = {}
+    spelled: dict[str, str] = {}  # engine name -> how the caller spelled it
     for key, value in call.items():
         if key in ignored:
             continue
@@ -194,8 +195,9 @@ def engine_call(
             known = ", ".join(sorted(accepted | set(ALIASES)))
             raise TypeError(f"{owner} got an unknown argument {key!r}; accepted: {known}")
         if name in given and given[name] != value:
-            raise ValueError(f"{key!r} and {name!r} are the same setting; give one of them")
+            raise ValueError(f"{spelled[name]!r} and {key!r} are the same setting; give one of them")
         given[name] = value
+        spelled[name] = key
     settings = {k: v for k, v in instance.items() if v is not None}
     criterion, params = merge_criterion(
         settings.pop("criterion", None),

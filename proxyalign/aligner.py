@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypedDict, Unpack
 
 from proxyalign.criteria.base import Criterion
@@ -24,6 +24,7 @@ from proxyalign.engine.scheduler import SchedulerConfig
 from proxyalign.errors import InvalidParameterError
 from proxyalign.models import (
     LoadedModel,
+    check_model_spec,
     check_same_vocabulary,
     context_window,
     eos_token_ids,
@@ -31,18 +32,11 @@ from proxyalign.models import (
 )
 from proxyalign.plugins import get_criterion
 from proxyalign.prompts import ROLES, Prompt, is_messages, prompt_for_role, tokenize_prompt, validate_format
+from proxyalign.settings import DEFAULT_CRITERION, MODES, SSS_CRITERION, SSS_MODES, check_options
 
 __all__ = ["MODES", "GenerateOptions", "GenerationConfig", "ProxyAligner"]
 
 PerRole = Any  # a value, or a mapping from role ("base", "aligned", "small_base") to values
-#: Decoding modes: "token" runs the hybrid token by token (lazy q* where the criterion allows it);
-#: "speculative" lets q* draft ``gamma`` tokens that p checks in one forward (same distribution);
-#: "sss" is speculative decoding of the ``implicit_reward`` target p q*/q (exact reward-shifted
-#: speculative sampling) and "sss_literal" the SSS paper's unnormalised rule (approximate).
-MODES: tuple[str, ...] = ("token", "speculative", "sss", "sss_literal")
-SSS_MODES: tuple[str, ...] = ("sss", "sss_literal")
-#: The criterion whose target the SSS modes sample (a call in an SSS mode that names none gets it).
-SSS_CRITERION = "implicit_reward"
 
 
 class GenerateOptions(TypedDict, total=False):
@@ -75,6 +69,12 @@ class GenerationConfig:
     mode: str = "token"
     gamma: int | str = 4  #: speculative modes: drafts per round, or "adaptive"
 
+    def __post_init__(self) -> None:
+        check_options(asdict(self))
+
+
+_CONFIG_FIELDS = frozenset(GenerationConfig.__dataclass_fields__)
+
 
 def _per_role(value: PerRole, role: str, default: Any = None) -> Any:
     if isinstance(value, Mapping):
@@ -102,7 +102,7 @@ class ProxyAligner:
         tokenizer: Any,
         *,
         small_base: Any | None = None,
-        criterion: str | Criterion = "confidence_bet",
+        criterion: str | Criterion = DEFAULT_CRITERION,
         criterion_params: Mapping[str, Any] | None = None,
         prompt_formats: Mapping[str, str] | None = None,
         generation_config: GenerationConfig | None = None,
@@ -159,7 +159,7 @@ class ProxyAligner:
         aligned: str | os.PathLike[str],
         *,
         small_base: str | os.PathLike[str] | None = None,
-        criterion: str | Criterion = "confidence_bet",
+        criterion: str | Criterion = DEFAULT_CRITERION,
         criterion_params: Mapping[str, Any] | None = None,
         dtype: PerRole = "auto",
         device: PerRole = None,
@@ -183,6 +183,14 @@ class ProxyAligner:
         specs = {"base": base, "aligned": aligned}
         if small_base is not None:
             specs["small_base"] = small_base
+        for role, spec in specs.items():  # every model's paths and options, before any weights load
+            check_model_spec(
+                spec, role=role, dtype=_per_role(dtype, role, "auto"), device=_per_role(device, role)
+            )
+        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            raise InvalidParameterError("generation_config must be a proxyalign.GenerationConfig")
+        for role in prompt_formats or {}:
+            validate_format(role, (prompt_formats or {})[role])
         loaded: dict[str, LoadedModel] = {}
         for role, spec in specs.items():
             loaded[role] = load_model(
@@ -364,17 +372,7 @@ class ProxyAligner:
         Everything is checked here, before any model runs: a bad value raises
         :class:`~proxyalign.InvalidParameterError` naming the parameter.
         """
-        config, sampling = self._settings(options)
-        chosen = self.resolve_criterion(
-            options.get("criterion"), options.get("criterion_params"), config.mode
-        )
-        if config.mode in SSS_MODES and chosen.name != SSS_CRITERION:
-            raise InvalidParameterError(
-                f"mode {config.mode!r} samples SSS's target p*q*/q, which is the 'implicit_reward' "
-                f"criterion; this call uses {chosen.name!r}: pass criterion='implicit_reward' "
-                "(it needs the small base model, small_base=...)"
-            )
-        GammaSchedule.parse(config.gamma)
+        config, sampling, chosen = self._checked(options)
         roles = list(roles_for(chosen))
         encoded = self._tokenize(prompts, roles, config.max_new_tokens)
         return [
@@ -392,7 +390,27 @@ class ProxyAligner:
             for i in range(len(prompts))
         ]
 
+    def check_options(self, **options: Unpack[GenerateOptions]) -> None:
+        """Validate generation options as a call would, without decoding anything (the adapters check
+        their settings with this at construction)."""
+        self._checked(options)
+
     # -- internals -----------------------------------------------------------------------------
+    def _checked(self, options: Mapping[str, Any]) -> tuple[GenerationConfig, SamplingConfig, Criterion]:
+        """A call's merged settings and its criterion, every value validated."""
+        config, sampling = self._settings(options)
+        chosen = self.resolve_criterion(
+            options.get("criterion"), options.get("criterion_params"), config.mode
+        )
+        if config.mode in SSS_MODES and chosen.name != SSS_CRITERION:
+            raise InvalidParameterError(
+                f"mode {config.mode!r} samples SSS's target p*q*/q, which is the 'implicit_reward' "
+                f"criterion; this call uses {chosen.name!r}: pass criterion='implicit_reward' "
+                "(it needs the small base model, small_base=...)"
+            )
+        GammaSchedule.parse(config.gamma)
+        return config, sampling, chosen
+
     def _submit(self, requests: list[Request], channel: Channel) -> list[Ticket]:
         if self.engine.in_engine_thread:
             raise RuntimeError(
@@ -431,7 +449,11 @@ class ProxyAligner:
 
     @staticmethod
     def _looks_like_batch(prompts: Any) -> bool:
-        return isinstance(prompts, Sequence) and not isinstance(prompts, str) and not is_messages(prompts)
+        return (
+            isinstance(prompts, Sequence)
+            and not isinstance(prompts, str | bytes | bytearray)
+            and not is_messages(prompts)
+        )
 
     def _as_batch(self, prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
         batch = list(prompts) if self._looks_like_batch(prompts) else [prompts]
@@ -440,38 +462,10 @@ class ProxyAligner:
         return batch
 
     def _settings(self, options: Mapping[str, Any]) -> tuple[GenerationConfig, SamplingConfig]:
-        """Merge per-call options into the defaults and validate them all before any work."""
-        unknown = set(options) - set(GenerateOptions.__annotations__)
-        if unknown:
-            accepted = ", ".join(GenerateOptions.__annotations__)
-            raise InvalidParameterError(
-                f"unknown generation option(s) {sorted(unknown)}; accepted: {accepted}"
-            )
-        overrides = {
-            key: value
-            for key, value in options.items()
-            if value is not None and key in GenerationConfig.__dataclass_fields__
-        }
-        if isinstance(overrides.get("stop"), str):
-            overrides["stop"] = (overrides["stop"],)
-        elif "stop" in overrides:
-            stop = overrides["stop"]
-            if isinstance(stop, Mapping) or not isinstance(stop, Iterable):
-                raise InvalidParameterError(f"stop must be a string or a list of strings, got {stop!r}")
-            overrides["stop"] = tuple(stop)
-        config = replace(self.defaults, **overrides)
-        n = config.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InvalidParameterError(f"max_new_tokens must be an integer >= 1, got {n!r}")
-        if not all(isinstance(s, str) for s in config.stop):
-            raise InvalidParameterError(f"stop must be a string or a list of strings, got {config.stop!r}")
-        if config.mode not in MODES:
-            raise InvalidParameterError(f"mode must be one of {', '.join(MODES)}; got {config.mode!r}")
-        seed = config.seed
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63
-        ):
-            raise InvalidParameterError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+        """Validate per-call options (:func:`proxyalign.settings.check_options`) and merge them into the
+        instance defaults, before any work."""
+        given = check_options(options).given()
+        config = replace(self.defaults, **{k: v for k, v in given.items() if k in _CONFIG_FIELDS})
         sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.criterion_on)
         return config, sampling
 

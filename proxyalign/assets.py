@@ -44,7 +44,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from proxyalign.errors import ModelLoadError, ProxyAlignError
+from proxyalign.errors import InvalidParameterError, ModelLoadError, ProxyAlignError
 
 __all__ = [
     "ASSETS",
@@ -305,7 +305,7 @@ def normalize_dtype(dtype: Any) -> str:
     text = str(dtype).removeprefix("torch.").lower()
     text = _DTYPE_ALIASES.get(text, text)
     if text not in SUPPORTED_DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(SUPPORTED_DTYPES)}")
+        raise InvalidParameterError(f"unsupported dtype {dtype!r}; use one of {', '.join(SUPPORTED_DTYPES)}")
     return text
 
 
@@ -868,7 +868,7 @@ def fetch(
         dtypes = (dtypes,)  # fetch(name, "float32") or fetch(name, torch.float32) means one dtype
     wanted = tuple(dict.fromkeys(normalize_dtype(d) for d in dtypes))
     if not wanted:
-        raise ValueError("fetch needs at least one dtype")
+        raise InvalidParameterError("fetch needs at least one dtype")
     options: dict[str, Any] = {
         "progress": progress,
         "keep_gguf": keep_gguf,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -146,9 +147,32 @@ def _read_prompts(raw: Sequence[str]) -> list[str]:
 
 
 def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
-    from proxyalign.aligner import SSS_CRITERION, SSS_MODES, ProxyAligner
+    from proxyalign.aligner import ProxyAligner
+    from proxyalign.plugins import get_criterion
+    from proxyalign.prompts import check_text
+    from proxyalign.settings import DEFAULT_CRITERION, SSS_CRITERION, SSS_MODES, check_options
 
-    default = SSS_CRITERION if args.mode in SSS_MODES else "confidence_bet"
+    default = SSS_CRITERION if args.mode in SSS_MODES else DEFAULT_CRITERION
+    options: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": args.stop,
+        "criterion_on": args.criterion_on,
+        "mode": args.mode,
+        "gamma": int(args.gamma) if args.gamma.isdigit() else args.gamma,
+    }
+    if args.criterion is not None:  # named on the command line: an sss mode must not replace it
+        options.update(criterion=args.criterion, criterion_params=_parse_params(args.param))
+    # Everything that can be wrong with the command is checked before a minute of loading weights.
+    check_options(options)
+    get_criterion(args.criterion or default, **_parse_params(args.param))
+    prompts = _read_prompts(args.prompts)
+    for index, prompt in enumerate(prompts):
+        if not check_text(prompt, f"prompt {index}").strip():
+            raise ProxyAlignError(f"prompt {index} is empty; give some text to continue")
     aligner = ProxyAligner.from_pretrained(
         base=args.base,
         aligned=args.aligned,
@@ -164,20 +188,6 @@ def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
             "small_base": args.base_format,
         },
     )
-    options: dict[str, Any] = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "stop": args.stop,
-        "criterion_on": args.criterion_on,
-        "mode": args.mode,
-        "gamma": int(args.gamma) if args.gamma.isdigit() else args.gamma,
-    }
-    if args.criterion is not None:  # named on the command line: an sss mode must not replace it
-        options.update(criterion=args.criterion, criterion_params=_parse_params(args.param))
-    prompts = _read_prompts(args.prompts)
     if args.json:
         generations = aligner.generate(prompts, **options)
         rows = [{"prompt": prompt, **g.as_dict()} for prompt, g in zip(prompts, generations, strict=True)]
@@ -265,11 +275,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(highlight=False)
     try:
         return COMMANDS[args.command](args, console)
-    except ProxyAlignError as exc:
+    except ProxyAlignError as exc:  # a user's mistake: one clear line, no traceback
         print(f"proxyalign: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception:  # our bug: the traceback helps, and so does a report
+        traceback.print_exc()
+        print(
+            "proxyalign: internal error (the traceback above); please report it with the command you ran",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 __all__ = [
     "CriterionError",
+    "EngineClosedError",
     "InvalidParameterError",
+    "InvalidPromptError",
     "ModelLoadError",
     "ProxyAlignError",
     "TokenizerMismatchError",
@@ -18,6 +20,10 @@ class ProxyAlignError(Exception):
 
 class InvalidParameterError(ProxyAlignError, ValueError):
     """A parameter (of a criterion, of generation, of loading) is missing, unknown or out of range."""
+
+
+class InvalidPromptError(InvalidParameterError):
+    """A prompt is not valid text or chat messages (empty, bytes, invalid Unicode, unknown role ...)."""
 
 
 class UnknownCriterionError(ProxyAlignError, KeyError):
@@ -37,3 +43,7 @@ class TokenizerMismatchError(ProxyAlignError, ValueError):
 
 class ModelLoadError(ProxyAlignError, OSError):
     """A model could not be found or loaded; the message says what was tried."""
+
+
+class EngineClosedError(ProxyAlignError, RuntimeError):
+    """The engine was closed (``ProxyAligner.close()``); no request is accepted any more."""

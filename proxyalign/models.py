@@ -21,6 +21,7 @@ from proxyalign.errors import InvalidParameterError, ModelLoadError, TokenizerMi
 __all__ = [
     "DTYPES",
     "LoadedModel",
+    "check_model_spec",
     "check_same_vocabulary",
     "context_window",
     "eos_token_ids",
@@ -76,16 +77,13 @@ def resolve_device(device: str | torch.device | None, role: str = "model") -> to
 
 def _resolve_source(spec: str | os.PathLike[str], dtype: torch.dtype | str) -> tuple[str, dict[str, Any]]:
     """Where ``from_pretrained`` should look: (path-or-id, extra kwargs such as ``gguf_file``)."""
+    from proxyalign import assets
+
     text = os.fspath(spec)
-    try:
-        from proxyalign import assets
-    except ImportError:  # pragma: no cover - assets is part of the package
-        assets = None
-    if assets is not None:
-        asset_dtype = "bfloat16" if dtype in ("auto", torch.bfloat16) else str(dtype).removeprefix("torch.")
-        cached = assets.resolve(text, asset_dtype)
-        if cached is not None:
-            return str(cached), {}
+    asset_dtype = "bfloat16" if dtype in ("auto", torch.bfloat16) else str(dtype).removeprefix("torch.")
+    cached = assets.resolve(text, asset_dtype)
+    if cached is not None:
+        return str(cached), {}
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -94,10 +92,36 @@ def _resolve_source(spec: str | os.PathLike[str], dtype: torch.dtype | str) -> t
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} has no config.json: not a transformers model directory (give the directory "
+                "that save_pretrained wrote, or a .gguf file)"
+            )
         return str(path), {}
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise ModelLoadError(f"model path {text!r} does not exist")
     return text, {}
+
+
+def check_model_spec(
+    spec: str | os.PathLike[str],
+    *,
+    role: str = "model",
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = None,
+) -> None:
+    """Everything about loading a model that can be checked without reading its weights: the dtype, the
+    device, and that a path exists and holds a model. Lets a caller fail before a minute of loading."""
+    torch_dtype = resolve_dtype(dtype, role)
+    if device is not None:
+        where = resolve_device(device, role)
+        if where.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidParameterError(f"device for {role} is {device!r}, but CUDA is not available here")
+    if not isinstance(spec, str | os.PathLike) or not os.fspath(spec).strip():
+        raise InvalidParameterError(
+            f"the {role} model must be a hub id, a path or an asset name, got {spec!r}"
+        )
+    _resolve_source(spec, torch_dtype)
 
 
 def load_model(

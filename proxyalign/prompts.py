@@ -14,9 +14,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeAlias
 
-from proxyalign.errors import InvalidParameterError
+from proxyalign.errors import InvalidParameterError, InvalidPromptError
 
-__all__ = ["PROMPT_FORMATS", "ROLES", "Prompt", "PromptFormat", "render_prompt", "tokenize_prompt"]
+__all__ = [
+    "CHAT_ROLES",
+    "PROMPT_FORMATS",
+    "ROLES",
+    "Prompt",
+    "PromptFormat",
+    "check_messages",
+    "check_text",
+    "render_prompt",
+    "tokenize_prompt",
+]
 
 Message: TypeAlias = Mapping[str, Any]
 SinglePrompt: TypeAlias = str | Sequence[Message]
@@ -34,16 +44,63 @@ def validate_format(role: str, fmt: str) -> str:
     return fmt
 
 
+#: Roles a chat message may have.
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+
+def _per_role(item: object) -> bool:
+    """A mapping from model roles to prompts (``{"base": ..., "aligned": ...}``), not a message."""
+    return isinstance(item, Mapping) and bool(item) and set(item) <= set(ROLES)
+
+
 def is_messages(prompt: object) -> bool:
+    """A non-empty list of mappings that are not per-role prompts: a chat (its messages are checked by
+    :func:`check_messages`, so a malformed message gets a message of its own)."""
     return (
         isinstance(prompt, Sequence)
-        and not isinstance(prompt, str)
-        and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in prompt)
+        and not isinstance(prompt, str | bytes)
+        and len(prompt) > 0
+        and all(isinstance(m, Mapping) and not _per_role(m) for m in prompt)
     )
+
+
+def check_text(text: str, what: str) -> str:
+    """Text that the tokenizer can take: valid Unicode (no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidPromptError(
+            f"{what} is not valid Unicode text ({exc.reason} at character {exc.start}); "
+            "decode bytes with errors='replace' or remove the lone surrogate"
+        ) from None
+    return text
+
+
+def check_messages(messages: Sequence[Mapping[str, Any]], index: int) -> None:
+    """Every message has a known ``role`` and text ``content``."""
+    for number, message in enumerate(messages):
+        where = f"prompt {index}, message {number}"
+        missing = [key for key in ("role", "content") if key not in message]
+        if missing:
+            raise InvalidPromptError(f"{where} has no {' or '.join(repr(k) for k in missing)}")
+        if message["role"] not in CHAT_ROLES:
+            raise InvalidPromptError(
+                f"{where} has role {message['role']!r}; accepted: {', '.join(CHAT_ROLES)}"
+            )
+        if not isinstance(message["content"], str):
+            raise InvalidPromptError(
+                f"{where}: content must be text (a string), got {type(message['content']).__name__}"
+            )
+        check_text(message["content"], f"{where}'s content")
 
 
 def prompt_for_role(prompt: Prompt, role: str, index: int) -> SinglePrompt:
     """The part of ``prompt`` meant for ``role`` (small_base falls back to base's prompt)."""
+    if isinstance(prompt, Mapping) and ("role" in prompt or "content" in prompt):
+        raise InvalidPromptError(
+            f"prompt {index} is one chat message; give a list of messages, e.g. [{{'role': 'user', "
+            "'content': ...}]"
+        )
     if isinstance(prompt, Mapping):
         unknown = set(prompt) - set(ROLES)
         if unknown:
@@ -72,19 +129,25 @@ def plain_transcript(messages: Sequence[Message]) -> str:
 
 def render_prompt(prompt: SinglePrompt, fmt: str, tokenizer: Any, index: int = 0) -> tuple[str, bool]:
     """Text to tokenize and whether the tokenizer should still add its special tokens (BOS)."""
+    if isinstance(prompt, bytes | bytearray):
+        raise InvalidPromptError(
+            f"prompt {index} is bytes; decode it to text first (e.g. data.decode('utf-8'))"
+        )
     if isinstance(prompt, str):
+        check_text(prompt, f"prompt {index}")
         if not prompt.strip():
-            raise InvalidParameterError(f"prompt {index} is empty; give some text to continue")
+            raise InvalidPromptError(f"prompt {index} is empty; give some text to continue")
         if fmt != "chat":
             return prompt, True
         prompt = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, Sequence) and not prompt:
+        raise InvalidPromptError(f"prompt {index} is an empty list of messages")
     elif not is_messages(prompt):
-        raise InvalidParameterError(
+        raise InvalidPromptError(
             f"prompt {index} must be a string, a list of {{'role', 'content'}} messages, or a mapping "
             f"from model role to either; got {type(prompt).__name__}"
         )
-    if not prompt:
-        raise InvalidParameterError(f"prompt {index} is an empty list of messages")
+    check_messages(prompt, index)
     if fmt == "plain":
         return plain_transcript(prompt), True
     if getattr(tokenizer, "chat_template", None) is None:

@@ -104,7 +104,7 @@ def test_max_new_tokens_must_be_positive_int(aligner, value):
         ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\]"),
         ({"criterion_on": "sharp"}, "criterion_on must be 'scaled' or 'raw'"),
         ({"mode": "warp"}, "mode must be one of"),
-        ({"stop": [1, 2]}, "stop must be a string or a list of strings"),
+        ({"stop": [1, 2]}, "stop must be a string or a list of non-empty strings"),
         ({"temprature": 0.5}, r"unknown generation option\(s\) \['temprature'\]"),
     ],
 )
@@ -139,9 +139,11 @@ def test_model_narrower_than_tokenizer_is_refused():
 
 def test_unresolvable_model_fails_fast_offline(tmp_path):
     with pytest.raises(ModelLoadError, match="could not load the base model from 'nobody/no-such-model'"):
-        proxyalign.ProxyAligner.from_pretrained("nobody/no-such-model", str(tmp_path), criterion="base")
+        proxyalign.ProxyAligner.from_pretrained("nobody/no-such-model", "nobody/other", criterion="base")
     with pytest.raises(ModelLoadError, match="does not exist"):
         proxyalign.ProxyAligner.from_pretrained(str(tmp_path / "missing.gguf"), str(tmp_path))
+    with pytest.raises(ModelLoadError, match=r"has no config\.json"):
+        proxyalign.ProxyAligner.from_pretrained(str(tmp_path), str(tmp_path))
 
 
 def test_bad_prompt_format_and_roles():

@@ -34,13 +34,9 @@ from proxyalign.engine.request import LaneKey, Request
 from proxyalign.engine.results import GenerationChunk, Source
 from proxyalign.engine.scheduler import PrefillJob, SchedulerConfig, reserved_tokens
 from proxyalign.engine.speculative import SpeculativeLane
-from proxyalign.errors import InvalidParameterError, ProxyAlignError
+from proxyalign.errors import EngineClosedError, InvalidParameterError
 
-__all__ = ["Channel", "Engine", "EngineClosedError", "Ticket"]
-
-
-class EngineClosedError(ProxyAlignError, RuntimeError):
-    """The engine was closed; no request is accepted any more."""
+__all__ = ["Channel", "Engine", "Ticket"]
 
 
 class Channel:

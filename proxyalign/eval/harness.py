@@ -499,30 +499,7 @@ def run_eval(aligner: Any, config: EvalConfig) -> EvalResult:
     """
     from proxyalign.eval.report import write_reports
 
-    for role in ("base", "aligned"):
-        check_style(config.prompts[role])
-    if config.batch_size < 1:
-        raise ProxyAlignError(f"batch size must be >= 1, got {config.batch_size}")
-    if config.limit is not None and config.limit < 1:
-        raise ProxyAlignError(f"limit must be >= 1, got {config.limit}")
-    methods = parse_methods(list(config.methods))
-    sweeps = [parse_sweep(s) for s in config.sweeps]
-    for sweep in sweeps:
-        if not any(sweep.target(m) for m in methods):
-            labels = ", ".join(m.label for m in methods)
-            raise ProxyAlignError(
-                f"--sweep {sweep.text} applies to none of the methods ({labels}); "
-                "name a criterion with that parameter, or use a generic name (margin, lambda) for "
-                "one-parameter criteria"
-            )
-        for method in methods:  # validate every value now, not after an hour of decoding
-            target = sweep.target(method)
-            if target:
-                for value in sweep.values:
-                    method.with_param(target, value)
-    datasets: list[tuple[str, str | None]] = []
-    for entry in [config.datasets] if isinstance(config.datasets, str) else config.datasets:
-        datasets.extend([tuple(entry)] if isinstance(entry, tuple) else parse_datasets(entry))
+    methods, sweeps, datasets = validate_config(config)
     seeds = [int(s) for s in config.seeds] or [0]
     output = Path(config.output_dir)
     models = {role: _model_id(str(name)) for role, name in getattr(aligner, "names", {}).items()}
@@ -599,6 +576,38 @@ def run_eval(aligner: Any, config: EvalConfig) -> EvalResult:
     return write_reports(result, config)
 
 
+def validate_config(config: EvalConfig) -> tuple[list[Method], list[Sweep], list[tuple[str, str | None]]]:
+    """Check everything about an evaluation that needs no model: prompt styles, batch size, limit,
+    methods and every swept value; returns the parsed methods, sweeps and datasets."""
+    for role in ("base", "aligned"):
+        check_style(config.prompts[role])
+    if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int) or config.batch_size < 1:
+        raise ProxyAlignError(f"batch size must be an integer >= 1, got {config.batch_size!r}")
+    if config.limit is not None and config.limit < 1:
+        raise ProxyAlignError(f"limit must be >= 1 (or None for every question), got {config.limit}")
+    if config.dev < 0:
+        raise ProxyAlignError(f"dev must be >= 0, got {config.dev}")
+    methods = parse_methods(list(config.methods))
+    sweeps = [parse_sweep(s) for s in config.sweeps]
+    for sweep in sweeps:
+        if not any(sweep.target(m) for m in methods):
+            labels = ", ".join(m.label for m in methods)
+            raise ProxyAlignError(
+                f"--sweep {sweep.text} applies to none of the methods ({labels}); "
+                "name a criterion with that parameter, or use a generic name (margin, lambda) for "
+                "one-parameter criteria"
+            )
+        for method in methods:  # validate every value now, not after an hour of decoding
+            target = sweep.target(method)
+            if target:
+                for value in sweep.values:
+                    method.with_param(target, value)
+    datasets: list[tuple[str, str | None]] = []
+    for entry in [config.datasets] if isinstance(config.datasets, str) else config.datasets:
+        datasets.extend([tuple(entry)] if isinstance(entry, tuple) else parse_datasets(entry))
+    return methods, sweeps, datasets
+
+
 def evaluate(base: str, aligned: str, config: EvalConfig, **load_options: Any) -> EvalResult:
     """Load p and q* (hub id, directory, ``.gguf`` or offline asset name) and :func:`run_eval`.
 
@@ -607,7 +616,11 @@ def evaluate(base: str, aligned: str, config: EvalConfig, **load_options: Any) -
     from proxyalign.aligner import ProxyAligner
     from proxyalign.plugins import get_criterion
 
-    methods = parse_methods(list(config.methods))  # fail on a bad method before loading weights
+    # Fail on a bad method, option or dataset file before a minute of loading weights.
+    methods, sweeps, datasets = validate_config(config)
+    for name, source in datasets:
+        dev = config.dev if sweeps else 0
+        load_splits(name, source=source, limit=config.limit, dev=dev, shots=config.shots)
     for method in methods:
         if get_criterion(method.criterion, **method.param_dict).needs_small_base and not load_options.get(
             "small_base"

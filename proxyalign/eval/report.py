@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from proxyalign.errors import ProxyAlignError
 from proxyalign.eval.metrics import Paired, Summary, paired_comparisons, summarize
 
 __all__ = [
@@ -234,6 +235,8 @@ def report_directory(output_dir: str | os.PathLike[str]) -> Any:
     from proxyalign.eval.harness import EvalResult
 
     output = Path(output_dir)
+    if not (output / "records.jsonl").is_file():
+        raise ProxyAlignError(f"{output} holds no evaluation records (records.jsonl); nothing to report")
     records = load_records(output)
     tuned: dict[str, dict[str, Any]] = {}
     summary_file = output / "summary.json"

@@ -77,7 +77,8 @@ class ProxyAlignSettings(BaseModel):
                 f"engine_kwargs {sorted(unknown)} are not ProxyAligner.generate options without a field "
                 f"of their own; accepted: {sorted(adapters.engine_parameters(self.aligner) - _FIELDS)}"
             )
-        self.aligner.resolve_criterion(self.criterion, self.criterion_params)
+        settings = {k: v for k, v in self._instance_settings().items() if v is not None}
+        self.aligner.check_options(**settings)  # every setting now, not at the first call
         return self
 
     @property

@@ -119,7 +119,8 @@ class ProxyAlign(CustomLLM):
         unknown = set(self.engine_kwargs) - (adapters.engine_parameters(aligner) - own_fields)
         if unknown:
             raise ValueError(f"engine_kwargs {sorted(unknown)} are not ProxyAligner.generate options")
-        aligner.resolve_criterion(self.criterion, self.criterion_params)
+        settings = {k: v for k, v in self._instance_settings().items() if v is not None}
+        aligner.check_options(**settings)  # every setting now, not at the first call
 
     @classmethod
     def class_name(cls) -> str:
