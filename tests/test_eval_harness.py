@@ -21,7 +21,8 @@ from proxyalign.eval import (
     run_eval,
     wilson_interval,
 )
-from proxyalign.eval.harness import Method, provenance, question_seed, resolve_method
+from proxyalign.eval.methods import Method, resolve_method
+from proxyalign.eval.runner import provenance, question_seed
 from proxyalign.testing import save_tiny_pair
 
 WORDS = ["w5 w6 w7", "w8 w9", "w10 w11 w12", "w13", "w14 w15", "w16 w17", "w18 w19", "w20"]

@@ -6,8 +6,22 @@
 >>> print(result.report_path.read_text())  # doctest: +SKIP
 
 The command line is ``proxyalign eval`` (see ``docs/evaluation.md``).
+
+One module per job; each imports only from the ones above it:
+
+- ``extract``, ``metrics``: answer extraction and scoring; accuracy, intervals, paired tests;
+- ``data``: the benchmarks (a subpackage: catalog, the wheel, few-shot prompts, one loader per source);
+- ``prompts``: each model's prompt and stop strings for a question;
+- ``methods``: the method mini-language (``confidence_bet[margin=0.2]``) and sweeps;
+- ``config``: :class:`EvalConfig`, its validation before any model loads, and :class:`EvalResult`;
+- ``store``: ``records.jsonl`` and the ``run.json`` fingerprint check;
+- ``runner``: the decoding loop (per-question seeds, the running batch, one record per instance);
+- ``report``: ``summary.json``, ``report.md`` and ``sweep.png`` from records;
+- ``harness``: :func:`run_eval` (plan, tune on dev, decode, report) and :func:`evaluate` (load, run);
+- ``cli``: ``proxyalign eval``.
 """
 
+from proxyalign.eval.config import EvalConfig, EvalResult, parse_datasets
 from proxyalign.eval.data import DATASETS, Problem, load_dataset, load_gsm8k, load_jsonl, load_splits
 from proxyalign.eval.extract import (
     extract_answer,
@@ -21,17 +35,8 @@ from proxyalign.eval.extract import (
     numbers_equal,
     score,
 )
-from proxyalign.eval.harness import (
-    EvalConfig,
-    EvalResult,
-    Method,
-    Sweep,
-    evaluate,
-    parse_datasets,
-    parse_methods,
-    parse_sweep,
-    run_eval,
-)
+from proxyalign.eval.harness import evaluate, run_eval
+from proxyalign.eval.methods import Method, Sweep, parse_methods, parse_sweep
 from proxyalign.eval.metrics import (
     Paired,
     Summary,

@@ -6,8 +6,11 @@ import argparse
 from typing import Any
 
 from proxyalign.errors import ProxyAlignError
+from proxyalign.eval.config import EvalConfig, parse_datasets
 from proxyalign.eval.data import DATASETS
+from proxyalign.eval.harness import evaluate
 from proxyalign.eval.prompts import PROMPT_STYLES
+from proxyalign.eval.report import markdown_table, report_directory
 
 __all__ = ["add_eval_arguments", "config_from_args", "run_eval_command"]
 
@@ -112,10 +115,8 @@ def _methods(args: argparse.Namespace) -> list[str]:
     return methods
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """An :class:`~proxyalign.eval.EvalConfig` from parsed ``proxyalign eval`` arguments."""
-    from proxyalign.eval.harness import EvalConfig, parse_datasets
-
     try:
         seeds = [int(s) for s in str(args.seed).split(",") if s.strip()]
     except ValueError:
@@ -147,9 +148,6 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run_eval_command(args: argparse.Namespace, console: Any) -> int:
     """Run ``proxyalign eval``; print the report; return the exit status."""
-    from proxyalign.eval.harness import evaluate
-    from proxyalign.eval.report import markdown_table, report_directory
-
     if args.report_only:
         result = report_directory(args.report_only)
     else:

@@ -21,7 +21,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxyalign.errors import ProxyAlignError
-from proxyalign.eval.data import Problem, format_question
+from proxyalign.eval.data.catalog import Problem
+from proxyalign.eval.data.fewshot import format_question
 
 __all__ = ["PROMPT_STYLES", "build_prompt", "method_prompt", "stop_strings"]
 

@@ -1,4 +1,8 @@
-"""Reports of an evaluation directory: ``summary.json``, ``report.md`` and ``sweep.png``."""
+"""Reports of an evaluation directory: ``summary.json``, ``report.md`` and ``sweep.png``.
+
+Reports are built from records alone: :func:`write_reports` after a run, :func:`report_directory` from
+an evaluation directory on disk (no models needed).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from proxyalign.errors import ProxyAlignError
-from proxyalign.eval.metrics import Paired, Summary, paired_comparisons, summarize
+from proxyalign.eval.config import EvalConfig, EvalResult
+from proxyalign.eval.metrics import Paired, Summary, paired_comparisons
+from proxyalign.eval.store import RECORDS, load_records
 
 __all__ = [
-    "load_records",
     "markdown_table",
     "paired_table",
     "plot_sweeps",
@@ -100,7 +105,7 @@ def _tuning_section(tuned: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _config_section(config: Any) -> str:
+def _config_section(config: EvalConfig | None) -> str:
     if config is None:
         return ""
     sweeps = ", ".join(str(getattr(s, "text", s)) for s in config.sweeps) or "none"
@@ -183,7 +188,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_reports(result: Any, config: Any = None) -> Any:
+def write_reports(result: EvalResult, config: EvalConfig | None = None) -> EvalResult:
     """Write ``summary.json`` and ``report.md`` (and ``sweep.png``) for an :class:`EvalResult`."""
     output: Path = result.output_dir
     output.mkdir(parents=True, exist_ok=True)
@@ -216,34 +221,14 @@ def write_reports(result: Any, config: Any = None) -> Any:
     return result
 
 
-def load_records(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The instance records of an evaluation directory (a line cut by an interruption is skipped)."""
-    path = Path(output_dir) / "records.jsonl"
-    records: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            records.setdefault(record["key"], record)
-    return list(records.values())
-
-
-def report_directory(output_dir: str | os.PathLike[str]) -> Any:
+def report_directory(output_dir: str | os.PathLike[str]) -> EvalResult:
     """Rebuild the reports of an evaluation directory from its records alone (no models needed)."""
-    from proxyalign.eval.harness import EvalResult
-
     output = Path(output_dir)
-    if not (output / "records.jsonl").is_file():
-        raise ProxyAlignError(f"{output} holds no evaluation records (records.jsonl); nothing to report")
+    if not (output / RECORDS).is_file():
+        raise ProxyAlignError(f"{output} holds no evaluation records ({RECORDS}); nothing to report")
     records = load_records(output)
     tuned: dict[str, dict[str, Any]] = {}
     summary_file = output / "summary.json"
     if summary_file.exists():
         tuned = json.loads(summary_file.read_text()).get("tuned", {})
-    summaries = summarize(records)
-    for summary in summaries:
-        if f"{summary.dataset}|{summary.method}" in tuned and summary.split == "test":
-            summary.chosen = True
-    return write_reports(EvalResult(output, records, summaries, tuned))
+    return write_reports(EvalResult.from_records(output, records, tuned))
