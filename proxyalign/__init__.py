@@ -6,7 +6,7 @@
 """
 
 from proxyalign.aligner import GenerationConfig, ProxyAligner
-from proxyalign.criteria.base import Criterion, Param, TargetCriterion
+from proxyalign.criteria.base import Criterion, CriterionKind, Param, TargetCriterion
 from proxyalign.engine.results import FinishReason, Generation, GenerationChunk, GenerationStats, Source
 from proxyalign.engine.scheduler import SchedulerConfig
 from proxyalign.errors import (
@@ -25,6 +25,7 @@ from proxyalign.plugins import get_criterion, list_criteria, reload_registry
 __all__ = [
     "Criterion",
     "CriterionError",
+    "CriterionKind",
     "EngineClosedError",
     "FinishReason",
     "Generation",

@@ -31,7 +31,16 @@ from proxyalign.models import (
     load_model,
 )
 from proxyalign.plugins import get_criterion
-from proxyalign.prompts import ROLES, Prompt, is_messages, prompt_for_role, tokenize_prompt, validate_format
+from proxyalign.prompts import (
+    ROLES,
+    Prompt,
+    is_messages,
+    prompt_for_role,
+    prompt_name,
+    tokenize_prompt,
+    validate_format,
+)
+from proxyalign.roles import ALIGNED, BASE, SMALL_BASE
 from proxyalign.settings import DEFAULT_CRITERION, MODES, SSS_CRITERION, SSS_MODES, check_options
 
 __all__ = ["MODES", "GenerateOptions", "GenerationConfig", "ProxyAligner"]
@@ -115,9 +124,9 @@ class ProxyAligner:
         ``tokenizers`` may give each model its own tokenizer object; they must share one vocabulary.
         ``scheduler`` sets the running batch's limits (rows, prefill chunk, cached tokens).
         """
-        self.models: dict[str, Any] = {"base": base, "aligned": aligned}
+        self.models: dict[str, Any] = {BASE: base, ALIGNED: aligned}
         if small_base is not None:
-            self.models["small_base"] = small_base
+            self.models[SMALL_BASE] = small_base
         self.tokenizer = tokenizer
         per_model_tokenizers = {role: (tokenizers or {}).get(role, tokenizer) for role in self.models}
         self.vocab_size = check_same_vocabulary(per_model_tokenizers)
@@ -180,9 +189,9 @@ class ProxyAligner:
             raise InvalidParameterError(
                 f"criterion {chosen.name!r} needs the small base model q: pass small_base=..."
             )
-        specs = {"base": base, "aligned": aligned}
+        specs = {BASE: base, ALIGNED: aligned}
         if small_base is not None:
-            specs["small_base"] = small_base
+            specs[SMALL_BASE] = small_base
         for role, spec in specs.items():  # every model's paths and options, before any weights load
             check_model_spec(
                 spec, role=role, dtype=_per_role(dtype, role, "auto"), device=_per_role(device, role)
@@ -202,10 +211,10 @@ class ProxyAligner:
                 trust_remote_code=trust_remote_code,
             )
         return cls(
-            loaded["base"].model,
-            loaded["aligned"].model,
-            loaded["aligned"].tokenizer,
-            small_base=loaded["small_base"].model if "small_base" in loaded else None,
+            loaded[BASE].model,
+            loaded[ALIGNED].model,
+            loaded[ALIGNED].tokenizer,
+            small_base=loaded[SMALL_BASE].model if SMALL_BASE in loaded else None,
             criterion=chosen,
             prompt_formats=prompt_formats,
             generation_config=generation_config,
@@ -216,7 +225,7 @@ class ProxyAligner:
 
     # -- settings ------------------------------------------------------------------------------
     def _check_criterion(self, criterion: Criterion) -> None:
-        if criterion.needs_small_base and "small_base" not in self.models:
+        if criterion.needs_small_base and SMALL_BASE not in self.models:
             raise InvalidParameterError(
                 f"criterion {criterion.name!r} needs the small base model q, but this ProxyAligner "
                 "has none: load it with small_base=..."
@@ -477,11 +486,12 @@ class ProxyAligner:
             fmt = self.prompt_formats[role]
             window = context_window(self.models[role])
             rows = []
-            for index, prompt in enumerate(batch):
+            for position, prompt in enumerate(batch):
+                index = position if len(batch) > 1 else None  # one prompt alone is "the prompt"
                 ids = tokenize_prompt(prompt_for_role(prompt, role, index), fmt, self.tokenizer, index)
                 if window is not None and len(ids) + max_new_tokens > window:
                     raise InvalidParameterError(
-                        f"prompt {index} has {len(ids)} tokens for the {role} model; with "
+                        f"{prompt_name(index)} has {len(ids)} tokens for the {role} model; with "
                         f"max_new_tokens={max_new_tokens} that exceeds its context window of {window}"
                     )
                 rows.append(ids)

@@ -16,6 +16,7 @@ from rich.text import Text
 from proxyalign.display import SOURCE_STYLES, stats_line
 from proxyalign.engine.results import Source
 from proxyalign.errors import ProxyAlignError
+from proxyalign.settings import DEFAULT_CRITERION
 
 __all__ = ["main"]
 
@@ -83,7 +84,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--questions", type=int, default=3)
     demo.add_argument("--shots", type=int, default=3, help="worked examples in p's plain prompt")
     demo.add_argument("--max-new-tokens", type=int, default=256)
-    demo.add_argument("--criterion", default="confidence_bet")
+    demo.add_argument("--criterion", default=DEFAULT_CRITERION)
     demo.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     demo.add_argument("--temperature", type=float, default=0.7)
     demo.add_argument("--seed", type=int, default=0)
@@ -150,7 +151,7 @@ def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
     from proxyalign.aligner import ProxyAligner
     from proxyalign.plugins import get_criterion
     from proxyalign.prompts import check_text
-    from proxyalign.settings import DEFAULT_CRITERION, SSS_CRITERION, SSS_MODES, check_options
+    from proxyalign.settings import SSS_CRITERION, SSS_MODES, check_options
 
     default = SSS_CRITERION if args.mode in SSS_MODES else DEFAULT_CRITERION
     options: dict[str, Any] = {

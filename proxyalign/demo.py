@@ -22,6 +22,7 @@ from proxyalign.engine.results import Generation
 from proxyalign.eval.data import Problem, load_gsm8k
 from proxyalign.eval.extract import score
 from proxyalign.eval.prompts import build_prompt, stop_strings
+from proxyalign.settings import DEFAULT_CRITERION
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -35,7 +36,7 @@ class DemoConfig:
     questions: int = 3
     shots: int = 3
     max_new_tokens: int = 256
-    criterion: str = "confidence_bet"
+    criterion: str = DEFAULT_CRITERION
     criterion_params: tuple[tuple[str, Any], ...] = ()
     temperature: float = 0.7
     seed: int = 0

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeAlias
 
 from proxyalign.errors import InvalidParameterError, InvalidPromptError
+from proxyalign.roles import ALIGNED, BASE, ROLES, SMALL_BASE
 
 __all__ = [
     "CHAT_ROLES",
@@ -24,6 +25,7 @@ __all__ = [
     "PromptFormat",
     "check_messages",
     "check_text",
+    "prompt_name",
     "render_prompt",
     "tokenize_prompt",
 ]
@@ -33,7 +35,6 @@ SinglePrompt: TypeAlias = str | Sequence[Message]
 Prompt: TypeAlias = SinglePrompt | Mapping[str, SinglePrompt]
 PromptFormat = Literal["auto", "plain", "chat"]
 PROMPT_FORMATS: tuple[str, ...] = ("auto", "plain", "chat")
-ROLES: tuple[str, ...] = ("base", "aligned", "small_base")
 
 
 def validate_format(role: str, fmt: str) -> str:
@@ -64,6 +65,11 @@ def is_messages(prompt: object) -> bool:
     )
 
 
+def prompt_name(index: int | None) -> str:
+    """How messages refer to a prompt: by its position in a batch, or as "the prompt" when alone."""
+    return "the prompt" if index is None else f"prompt {index}"
+
+
 def check_text(text: str, what: str) -> str:
     """Text that the tokenizer can take: valid Unicode (no lone surrogates)."""
     try:
@@ -76,10 +82,10 @@ def check_text(text: str, what: str) -> str:
     return text
 
 
-def check_messages(messages: Sequence[Mapping[str, Any]], index: int) -> None:
+def check_messages(messages: Sequence[Mapping[str, Any]], index: int | None) -> None:
     """Every message has a known ``role`` and text ``content``."""
     for number, message in enumerate(messages):
-        where = f"prompt {index}, message {number}"
+        where = f"{prompt_name(index)}, message {number}"
         missing = [key for key in ("role", "content") if key not in message]
         if missing:
             raise InvalidPromptError(f"{where} has no {' or '.join(repr(k) for k in missing)}")
@@ -94,24 +100,24 @@ def check_messages(messages: Sequence[Mapping[str, Any]], index: int) -> None:
         check_text(message["content"], f"{where}'s content")
 
 
-def prompt_for_role(prompt: Prompt, role: str, index: int) -> SinglePrompt:
+def prompt_for_role(prompt: Prompt, role: str, index: int | None) -> SinglePrompt:
     """The part of ``prompt`` meant for ``role`` (small_base falls back to base's prompt)."""
     if isinstance(prompt, Mapping) and ("role" in prompt or "content" in prompt):
         raise InvalidPromptError(
-            f"prompt {index} is one chat message; give a list of messages, e.g. [{{'role': 'user', "
+            f"{prompt_name(index)} is one chat message; give a list of messages, e.g. [{{'role': 'user', "
             "'content': ...}]"
         )
     if isinstance(prompt, Mapping):
         unknown = set(prompt) - set(ROLES)
         if unknown:
             raise InvalidParameterError(
-                f"prompt {index}: unknown model role(s) {sorted(unknown)}; accepted: {', '.join(ROLES)}"
+                f"{prompt_name(index)}: unknown model role(s) {sorted(unknown)}; accepted: {', '.join(ROLES)}"
             )
-        fallback = ("base", "aligned") if role == "small_base" else ("aligned", "base")
+        fallback = (BASE, ALIGNED) if role == SMALL_BASE else (ALIGNED, BASE)
         for key in (role, *fallback):
             if key in prompt:
                 return prompt[key]
-        raise InvalidParameterError(f"prompt {index}: no text for model role {role!r}")
+        raise InvalidParameterError(f"{prompt_name(index)}: no text for model role {role!r}")
     return prompt
 
 
@@ -127,24 +133,26 @@ def plain_transcript(messages: Sequence[Message]) -> str:
     return "\n\n".join(turns)
 
 
-def render_prompt(prompt: SinglePrompt, fmt: str, tokenizer: Any, index: int = 0) -> tuple[str, bool]:
+def render_prompt(
+    prompt: SinglePrompt, fmt: str, tokenizer: Any, index: int | None = None
+) -> tuple[str, bool]:
     """Text to tokenize and whether the tokenizer should still add its special tokens (BOS)."""
     if isinstance(prompt, bytes | bytearray):
         raise InvalidPromptError(
-            f"prompt {index} is bytes; decode it to text first (e.g. data.decode('utf-8'))"
+            f"{prompt_name(index)} is bytes; decode it to text first (e.g. data.decode('utf-8'))"
         )
     if isinstance(prompt, str):
-        check_text(prompt, f"prompt {index}")
+        check_text(prompt, prompt_name(index))
         if not prompt.strip():
-            raise InvalidPromptError(f"prompt {index} is empty; give some text to continue")
+            raise InvalidPromptError(f"{prompt_name(index)} is empty; give some text to continue")
         if fmt != "chat":
             return prompt, True
         prompt = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, Sequence) and not prompt:
-        raise InvalidPromptError(f"prompt {index} is an empty list of messages")
+        raise InvalidPromptError(f"{prompt_name(index)} is an empty list of messages")
     elif not is_messages(prompt):
         raise InvalidPromptError(
-            f"prompt {index} must be a string, a list of {{'role', 'content'}} messages, or a mapping "
+            f"{prompt_name(index)} must be a string, a list of {{'role', 'content'}} messages, or a mapping "
             f"from model role to either; got {type(prompt).__name__}"
         )
     check_messages(prompt, index)
@@ -152,7 +160,7 @@ def render_prompt(prompt: SinglePrompt, fmt: str, tokenizer: Any, index: int = 0
         return plain_transcript(prompt), True
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidParameterError(
-            f"prompt {index} is a chat, but the tokenizer has no chat template; pass plain text"
+            f"{prompt_name(index)} is a chat, but the tokenizer has no chat template; pass plain text"
         )
     messages = [dict(m) for m in prompt]
     # A trailing assistant message is a prefix to continue, not a finished turn.
@@ -164,10 +172,10 @@ def render_prompt(prompt: SinglePrompt, fmt: str, tokenizer: Any, index: int = 0
     return text, False
 
 
-def tokenize_prompt(prompt: SinglePrompt, fmt: str, tokenizer: Any, index: int = 0) -> list[int]:
+def tokenize_prompt(prompt: SinglePrompt, fmt: str, tokenizer: Any, index: int | None = None) -> list[int]:
     """Token ids of one prompt for one model."""
     text, add_special = render_prompt(prompt, fmt, tokenizer, index)
     ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
     if not ids:
-        raise InvalidParameterError(f"prompt {index} tokenizes to no tokens")
+        raise InvalidParameterError(f"{prompt_name(index)} tokenizes to no tokens")
     return list(ids)

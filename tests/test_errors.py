@@ -87,7 +87,9 @@ def test_bad_options_through_the_api(pa, reference, label, options, error, fragm
 def test_bad_prompts_through_the_api(pa, reference, label, prompt, error, fragment):
     with pytest.raises(error) as info:
         pa.generate(prompt, max_new_tokens=2)
-    assert fragment in str(info.value) and "prompt 0" in str(info.value), label
+    assert fragment in str(info.value) and "the prompt" in str(info.value), label
+    with pytest.raises(error, match="prompt 1"):  # in a batch, the message says which prompt
+        pa.generate(["w5", prompt], max_new_tokens=2)
     unchanged(pa, reference)
 
 

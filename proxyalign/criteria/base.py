@@ -12,6 +12,7 @@ import math
 from abc import ABC
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +20,16 @@ import torch
 from proxyalign import mixture
 from proxyalign.errors import InvalidParameterError
 
-__all__ = ["Criterion", "Param", "TargetCriterion"]
+__all__ = ["Criterion", "CriterionKind", "Param", "TargetCriterion"]
+
+
+class CriterionKind(StrEnum):
+    """How the engine runs a criterion: which models, in which order."""
+
+    ALIGNED_ONLY = "aligned_only"  #: mu = 1 everywhere: q* alone, p need not run
+    LAZY = "lazy"  #: mu reads p alone: draft from p first, run q* only after a rejection
+    EAGER = "eager"  #: mu reads q* (or q): every model runs every step
+    TARGET = "target"  #: defined by its target distribution, sampled exactly
 
 
 def _log(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -117,19 +127,26 @@ class Criterion(ABC):
             )
 
     @property
+    def kind(self) -> CriterionKind:
+        """How the engine runs this criterion (derived from ``always_rejects``, ``reads`` and the class)."""
+        if self.always_rejects:
+            return CriterionKind.ALIGNED_ONLY
+        return CriterionKind.LAZY if self.reads <= {"p"} else CriterionKind.EAGER
+
+    @property
     def needs_small_base(self) -> bool:
         """Whether the small base model q must be loaded for this criterion."""
         return "q" in self.reads
 
     @property
     def lazy_aligned(self) -> bool:
-        """Whether q* is needed only after a rejected draft (mu reads p alone)."""
-        return self.reads <= {"p"} and not self.always_rejects
+        """Whether q* is needed only after a rejected draft (``kind`` is LAZY)."""
+        return self.kind is CriterionKind.LAZY
 
     @property
     def defines_target(self) -> bool:
         """Whether the criterion is defined by its target rather than by a rejection vector."""
-        return False
+        return self.kind is CriterionKind.TARGET
 
     @property
     def reads_logprobs(self) -> bool:
@@ -197,12 +214,8 @@ class TargetCriterion(Criterion):
     """
 
     @property
-    def defines_target(self) -> bool:
-        return True
-
-    @property
-    def lazy_aligned(self) -> bool:
-        return False
+    def kind(self) -> CriterionKind:
+        return CriterionKind.TARGET
 
     @property
     def reads_logprobs(self) -> bool:

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from proxyalign import mixture
-from proxyalign.criteria.base import Criterion
+from proxyalign.criteria.base import Criterion, CriterionKind
 from proxyalign.engine.results import CODE, Source
 from proxyalign.engine.sampling import Dists
 from proxyalign.errors import CriterionError, ProxyAlignError
@@ -110,7 +110,7 @@ def call_rejection(
     logs = type(criterion).log_rejection is not Criterion.log_rejection
     views = [None if d is None else (d.view_logprobs if logs else d.view) for d in (p, q_star, q)]
     method = "log_rejection" if logs else "rejection"
-    if criterion.lazy_aligned:
+    if criterion.kind is CriterionKind.LAZY:
         return _call(criterion, method, views[0])
     if q_star is None:
         raise ValueError(f"criterion {criterion.label} reads q*, which is missing")
@@ -178,7 +178,7 @@ def hybrid_target(
     criterion: Criterion, p: Dists, q_star: Dists, q: Dists | None = None
 ) -> tuple[Target, Checked]:
     """The distribution token-level decoding samples from, per row, and the output to validate."""
-    if criterion.defines_target:
+    if criterion.kind is CriterionKind.TARGET:
         checked = target_of(criterion, p, q_star, q)
         return DenseTarget(checked.tensor), checked
     checked = rejection_of(criterion, p, q_star, q)

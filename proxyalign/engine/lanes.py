@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from proxyalign.criteria.base import Criterion
+from proxyalign.criteria.base import Criterion, CriterionKind
 from proxyalign.engine.gamma import GammaSchedule
 from proxyalign.engine.hybrid import (
     Checked,
@@ -30,11 +30,12 @@ from proxyalign.engine.hybrid import (
     sample_target,
     target_of,
 )
-from proxyalign.engine.request import ALIGNED, BASE, SMALL_BASE, LaneKey, Request
+from proxyalign.engine.request import LaneKey, Request
 from proxyalign.engine.results import CODE, Source
 from proxyalign.engine.runner import ModelRunner
 from proxyalign.engine.sampling import Dists, RowSampling, model_dists
 from proxyalign.errors import CriterionError
+from proxyalign.roles import ALIGNED, BASE, SMALL_BASE
 
 __all__ = ["Group", "Lane", "LaneRow", "RowStep", "TokenLane"]
 
@@ -231,10 +232,8 @@ class TokenLane(Lane):
 
     @cached_property
     def _kinds(self) -> tuple[list[Group], list[Group], list[Group]]:
-        lazy = [g for g in self.groups if g.criterion.lazy_aligned]
-        target = [g for g in self.groups if g.criterion.defines_target]
-        eager = [g for g in self.groups if g not in lazy and g not in target]
-        return lazy, eager, target
+        by_kind = {kind: [g for g in self.groups if g.criterion.kind is kind] for kind in CriterionKind}
+        return by_kind[CriterionKind.LAZY], by_kind[CriterionKind.EAGER], by_kind[CriterionKind.TARGET]
 
     def _changed(self) -> None:
         super()._changed()

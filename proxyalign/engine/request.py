@@ -13,12 +13,12 @@ from typing import Literal
 
 import torch
 
-from proxyalign.criteria.base import Criterion
+from proxyalign.criteria.base import Criterion, CriterionKind
 from proxyalign.engine.sampling import SamplingConfig
+from proxyalign.roles import ALIGNED, BASE, SMALL_BASE
 
 __all__ = ["LaneKey", "Request", "derive_seed", "lane_key", "roles_for"]
 
-BASE, ALIGNED, SMALL_BASE = "base", "aligned", "small_base"
 #: How a lane decodes: token by token, exact speculative, or the SSS paper's literal rule.
 LaneKind = Literal["token", "speculative", "sss_literal"]
 LaneKey = tuple[str, tuple[str, ...]]
@@ -26,7 +26,7 @@ LaneKey = tuple[str, tuple[str, ...]]
 
 def roles_for(criterion: Criterion) -> tuple[str, ...]:
     """The models a criterion needs: q* alone for one that always rejects; p, q* (and q) otherwise."""
-    if criterion.always_rejects:
+    if criterion.kind is CriterionKind.ALIGNED_ONLY:
         return (ALIGNED,)
     return (BASE, ALIGNED, SMALL_BASE) if criterion.needs_small_base else (BASE, ALIGNED)
 
@@ -38,7 +38,7 @@ def lane_key(mode: str, criterion: Criterion) -> LaneKey:
     so such rows decode token by token.
     """
     roles = roles_for(criterion)
-    if mode == "token" or criterion.always_rejects:
+    if mode == "token" or criterion.kind is CriterionKind.ALIGNED_ONLY:
         kind = "token"
     elif mode == "sss_literal":
         kind = "sss_literal"

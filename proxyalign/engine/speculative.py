@@ -31,10 +31,11 @@ from proxyalign import mixture
 from proxyalign.engine.gamma import GammaSchedule
 from proxyalign.engine.hybrid import Checked, greedy_from, hybrid_target, pick, verify_drafts, verify_greedy
 from proxyalign.engine.lanes import Group, Lane, LaneRow, RowStep
-from proxyalign.engine.request import ALIGNED, BASE, SMALL_BASE, LaneKey
+from proxyalign.engine.request import LaneKey
 from proxyalign.engine.results import CODE, Source
 from proxyalign.engine.sampling import Dists
 from proxyalign.errors import CriterionError
+from proxyalign.roles import ALIGNED, BASE, SMALL_BASE
 
 __all__ = ["SpeculativeLane"]
 

@@ -50,7 +50,7 @@ from typing import Any, ClassVar, ParamSpec, TypeVar
 import torch
 
 from proxyalign import mixture
-from proxyalign.criteria.base import DISTRIBUTIONS, Criterion
+from proxyalign.criteria.base import DISTRIBUTIONS, Criterion, CriterionKind
 from proxyalign.engine import hybrid
 from proxyalign.engine.sampling import Dists
 from proxyalign.errors import InvalidParameterError
@@ -289,7 +289,7 @@ def _mu(criterion: Criterion, batch: Batch) -> torch.Tensor:
 def _target(criterion: Criterion, batch: Batch) -> torch.Tensor:
     """pi as the engine asks for it (:func:`proxyalign.engine.hybrid.call_target`); for a PGM criterion
     its ``target()``, which the consistency check compares with ``pgm_target(p, q*, mu)``."""
-    if not criterion.defines_target:
+    if criterion.kind is not CriterionKind.TARGET:
         return _call_plain(criterion, batch)
     return hybrid.call_target(criterion, *_dists(batch, criterion))
 
@@ -301,7 +301,7 @@ def _call_plain(criterion: Criterion, batch: Batch) -> torch.Tensor:
 
 def _value(criterion: Criterion, batch: Batch) -> torch.Tensor:
     """What defines the criterion: its target if target-defined, else its mu."""
-    return _target(criterion, batch) if criterion.defines_target else _mu(criterion, batch)
+    return _target(criterion, batch) if criterion.kind is CriterionKind.TARGET else _mu(criterion, batch)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> bool:
@@ -339,7 +339,7 @@ def _check_outputs(criterion: Criterion, batch: Batch, context: str = "") -> Non
     """mu and target of every row of ``batch`` are well-formed (shape, dtype, device, range, sums)."""
     where = f" ({context})" if context else ""
     mu = _check_tensor(criterion, f"mu{where}", _mu(criterion, batch), batch.p)
-    if criterion.defines_target:
+    if criterion.kind is CriterionKind.TARGET:
         # rejection() of a target criterion is NaN on rows that are not a PGM, and valid elsewhere.
         nan_rows = torch.isnan(mu).any(dim=-1)
         partial = nan_rows & ~torch.isnan(mu).all(dim=-1)
@@ -359,7 +359,7 @@ def _check_outputs(criterion: Criterion, batch: Batch, context: str = "") -> Non
             f"mu{where} outside [0, 1] (range [{float(finite.min()):.4g}, {float(finite.max()):.4g}]) "
             f"in {_bad_rows(out, batch)}",
         )
-    if criterion.always_rejects and not bool((mu == 1).all()):
+    if criterion.kind is CriterionKind.ALIGNED_ONLY and not bool((mu == 1).all()):
         raise _fail(criterion, f"always_rejects is set but mu{where} is not 1 everywhere")
     target = _check_tensor(criterion, f"target{where}", _target(criterion, batch), batch.p)
     bad = ~torch.isfinite(target).all(dim=-1)
@@ -465,7 +465,7 @@ def check_reads(criterion: CriterionLike, batch: Batch | None = None) -> None:
     batch = batch if batch is not None else random_batch()
     other = random_batch(len(batch), batch.p.shape[-1], seed=12345, dtype=batch.p.dtype).to(batch.p.device)
     reference = _value(crit, batch)
-    if crit.lazy_aligned:
+    if crit.kind is CriterionKind.LAZY:
         try:
             with_q_star = crit.rejection(batch.p, batch.q_star, batch.q)
         except Exception as exc:
@@ -473,7 +473,7 @@ def check_reads(criterion: CriterionLike, batch: Batch | None = None) -> None:
         if not _same(with_q_star, reference):
             raise _fail(crit, "reads only p, but its mu changes when q_star/q are passed")
     for dist in ("q_star", "q", "p"):
-        if dist in crit.reads or (dist == "q_star" and crit.defines_target):
+        if dist in crit.reads or (dist == "q_star" and crit.kind is CriterionKind.TARGET):
             continue  # q* enters every target; its use is not optional there
         swapped = Batch(
             batch.names, *(getattr(other if d == dist else batch, d) for d in ("p", "q_star", "q"))
@@ -486,7 +486,7 @@ def check_reads(criterion: CriterionLike, batch: Batch | None = None) -> None:
             )
     if "q" not in crit.reads:
         try:
-            if crit.defines_target:
+            if crit.kind is CriterionKind.TARGET:
                 crit.target(batch.p, batch.q_star, None)
             else:
                 crit.rejection(batch.p, batch.q_star, None)
@@ -574,7 +574,7 @@ def check_target_consistency(criterion: CriterionLike, batch: Batch | None = Non
     batches = [batch] if batch is not None else [random_batch(), edge_batch()]
     for b in batches:
         target = _target(crit, b)
-        if not crit.defines_target:
+        if crit.kind is not CriterionKind.TARGET:
             expected = mixture.pgm_target(b.p, b.q_star, _mu(crit, b))
             off = ((target - expected).abs() > ATOL).any(dim=-1)
             if off.any():
@@ -717,7 +717,7 @@ def check_sampler(
         vocab = target.shape[-1]
         p, q_star = (t.expand(draws, vocab).contiguous() for t in (row.p, row.q_star))
         u = torch.rand((draws, 3), generator=generator, dtype=torch.float64).to(device)
-        if crit.defines_target:
+        if crit.kind is CriterionKind.TARGET:
             draw = hybrid.sample_target(p, q_star, target.expand(draws, vocab).contiguous(), u)
             tokens, from_aligned = draw.tokens, draw.rejected
             holds = bool(draw.drafted.all())
@@ -760,11 +760,8 @@ def _tiny_aligner() -> Any:
     return tiny_aligner("base", small_base=True)
 
 
-def _engine_modes() -> tuple[str, ...]:
-    """The decoding modes that sample the criterion's own hybrid (token level, exact speculative)."""
-    from proxyalign import aligner
-
-    return tuple(mode for mode in ("token", "speculative") if mode in getattr(aligner, "MODES", ("token",)))
+#: The decoding modes that sample the criterion's own hybrid (token level, exact speculative).
+ENGINE_MODES = ("token", "speculative")
 
 
 @_single_threaded
@@ -778,7 +775,7 @@ def check_engine(criterion: CriterionLike, max_new_tokens: int = 6, seed: int = 
     crit = _as_criterion(criterion)
     aligner = _tiny_aligner()
     prompts = ["w5 w6 w7", "w9"]
-    runs = [(mode, 1.0) for mode in _engine_modes()] + [("token", 0.0)]
+    runs = [(mode, 1.0) for mode in ENGINE_MODES] + [("token", 0.0)]
     for mode, temperature in runs:
         options: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,
@@ -804,11 +801,11 @@ def check_engine(criterion: CriterionLike, max_new_tokens: int = 6, seed: int = 
                     crit,
                     f"the engine produced {len(g.token_ids)} tokens and {len(g.sources)} sources ({where})",
                 )
-            if crit.always_rejects and any(str(s) != "aligned" for s in g.sources):
+            if crit.kind is CriterionKind.ALIGNED_ONLY and any(str(s) != "aligned" for s in g.sources):
                 raise _fail(crit, f"always_rejects is set but some tokens did not come from q* ({where})")
             if (
                 mode == "token"
-                and not crit.defines_target
+                and crit.kind is not CriterionKind.TARGET
                 and g.stats.rejected_drafts != g.stats.tokens_from_aligned
             ):
                 raise _fail(crit, f"rejected drafts and tokens from q* disagree ({where})")
