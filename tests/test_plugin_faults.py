@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import proxyalign
-from proxyalign import CriterionError, UnknownCriterionError
+from proxyalign import CriterionError, UnknownCriterionError, cli
 from proxyalign import aligner as aligner_module
 from proxyalign.plugins import DISABLE_ENV, Registry, get_criterion, reload_registry
 from proxyalign.testing import tiny_aligner
@@ -120,7 +120,6 @@ def test_other_plugins_still_load_after_an_import_failure(faulty: Registry) -> N
 def test_user_sees_import_failure_in_criteria_listing(
     faulty: Registry, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cli = pytest.importorskip("proxyalign.cli")
     assert cli.main(["criteria"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich may wrap long lines
     assert "plugin not loaded: pa-fault-broken 0.0.1 (pa-fault-broken:broken): ImportError" in out
@@ -170,7 +169,6 @@ def test_shadowed_plugin_criterion_decodes_by_qualified_name(faulty: Registry) -
 def test_user_sees_the_clash_in_criteria_listing(
     faulty: Registry, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cli = pytest.importorskip("proxyalign.cli")
     monkeypatch.setenv("COLUMNS", "250")  # a wide terminal, so rich does not abbreviate names
     assert cli.main(["criteria"]) == 0
     out = " ".join(capsys.readouterr().out.split())
@@ -258,7 +256,6 @@ def test_conformance_kit_would_have_caught_the_garbage(faulty: Registry, name: s
 def test_cli_exits_with_a_criterion_error(
     faulty: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cli = pytest.importorskip("proxyalign.cli")
     from proxyalign.testing.tiny import tiny_model, tiny_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

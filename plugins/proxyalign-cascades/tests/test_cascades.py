@@ -15,7 +15,7 @@ import torch
 from proxyalign_cascades import CascadeDiff, CascadeOpt, CascadeToken
 
 import proxyalign
-from proxyalign import mixture
+from proxyalign import cli, mixture
 from proxyalign.testing import tiny_aligner
 from proxyalign.testing.conformance import CriterionConformanceTests
 
@@ -185,12 +185,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return _save_tiny_pair(tmp_path_factory.mktemp("tiny-pair"))
 
 
-def _cli_or_skip():
-    return pytest.importorskip("proxyalign.cli", reason="the CLI (proxyalign/cli.py) is not there yet")
-
-
 def test_cli_lists_plugin_with_package_and_version(capsys: pytest.CaptureFixture[str]) -> None:
-    cli = _cli_or_skip()
     assert cli.main(["criteria", "--json"]) == 0
     listed = {c["qualified_name"]: c for c in json.loads(capsys.readouterr().out)["criteria"]}
     for name in NAMES:
@@ -201,7 +196,6 @@ def test_cli_lists_plugin_with_package_and_version(capsys: pytest.CaptureFixture
 def test_cli_generates_with_plugin_criterion(
     model_dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cli = _cli_or_skip()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     base, aligned = model_dirs
     argv = [
@@ -236,10 +230,8 @@ def test_cli_generates_with_plugin_criterion(
 
 def test_console_script_end_to_end(model_dirs: tuple[Path, Path]) -> None:
     """The installed `proxyalign` command, in a fresh process, finds the plugin through its entry point."""
-    _cli_or_skip()
     script = Path(sys.executable).with_name("proxyalign")
-    if not script.exists():
-        pytest.skip("no `proxyalign` console script next to this Python")
+    assert script.exists(), "the `proxyalign` console script is installed next to this Python"
     base, aligned = model_dirs
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("PROXYALIGN_DISABLE_PLUGINS", None)
@@ -274,7 +266,8 @@ def test_console_script_end_to_end(model_dirs: tuple[Path, Path]) -> None:
 
 # -- end to end through the LangChain and LlamaIndex adapters ---------------------------------------
 def test_langchain_llm_and_chat_model_use_plugin_by_name(aligner: proxyalign.ProxyAligner) -> None:
-    lc = pytest.importorskip("langchain_proxyalign", reason="LangChain adapter not installed")
+    import langchain_proxyalign as lc
+
     llm = lc.ProxyAlignLLM(
         aligner=aligner, criterion="cascade_token", criterion_params={"margin": 0.2}, max_tokens=6, seed=0
     )
@@ -289,7 +282,8 @@ def test_langchain_llm_and_chat_model_use_plugin_by_name(aligner: proxyalign.Pro
 
 
 def test_llamaindex_llm_uses_plugin_by_name(aligner: proxyalign.ProxyAligner) -> None:
-    li = pytest.importorskip("llama_index.llms.proxyalign", reason="LlamaIndex adapter not installed")
+    import llama_index.llms.proxyalign as li
+
     llm = li.ProxyAlign(
         aligner=aligner, criterion="cascade_diff", criterion_params={"margin": 0.05}, max_new_tokens=6, seed=0
     )
