@@ -17,10 +17,12 @@ lane; the engine itself keeps serving.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import queue
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +93,17 @@ class Ticket:
         return self.state == "done"
 
 
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_engines() -> None:
+    """At interpreter exit, stop every engine thread between two steps rather than killing it inside a
+    torch operation (which aborts the process with "terminate called without an active exception")."""
+    for engine in list(_ENGINES):
+        engine.close(timeout=10.0)
+
+
 class Engine:
     """Continuous batching over the models of one :class:`~proxyalign.ProxyAligner`."""
 
@@ -126,6 +139,7 @@ class Engine:
         self._totals: Counter[str] = Counter()
         self._snapshot: dict[str, Any] = {}
         self._publish()
+        _ENGINES.add(self)
 
     # -- the callers' side (any thread) --------------------------------------------------------------
     def submit(self, requests: Sequence[Request], channel: Channel) -> list[Ticket]:
