@@ -31,15 +31,7 @@ from proxyalign.models import (
     load_model,
 )
 from proxyalign.plugins import get_criterion
-from proxyalign.prompts import (
-    ROLES,
-    Prompt,
-    is_messages,
-    prompt_for_role,
-    prompt_name,
-    tokenize_prompt,
-    validate_format,
-)
+from proxyalign.prompts import ROLES, Prompt, encode_prompts, is_messages, validate_format
 from proxyalign.roles import ALIGNED, BASE, SMALL_BASE
 from proxyalign.settings import DEFAULT_CRITERION, MODES, SSS_CRITERION, SSS_MODES, check_options
 
@@ -481,22 +473,8 @@ class ProxyAligner:
     def _tokenize(
         self, batch: Sequence[Prompt], roles: Sequence[str], max_new_tokens: int
     ) -> dict[str, list[list[int]]]:
-        encoded: dict[str, list[list[int]]] = {}
-        for role in roles:
-            fmt = self.prompt_formats[role]
-            window = context_window(self.models[role])
-            rows = []
-            for position, prompt in enumerate(batch):
-                index = position if len(batch) > 1 else None  # one prompt alone is "the prompt"
-                ids = tokenize_prompt(prompt_for_role(prompt, role, index), fmt, self.tokenizer, index)
-                if window is not None and len(ids) + max_new_tokens > window:
-                    raise InvalidParameterError(
-                        f"{prompt_name(index)} has {len(ids)} tokens for the {role} model; with "
-                        f"max_new_tokens={max_new_tokens} that exceeds its context window of {window}"
-                    )
-                rows.append(ids)
-            encoded[role] = rows
-        return encoded
+        windows = {role: context_window(self.models[role]) for role in roles}
+        return encode_prompts(batch, self.prompt_formats, self.tokenizer, windows, max_new_tokens)
 
     def __repr__(self) -> str:
         models = ", ".join(f"{role}={name!r}" for role, name in self.names.items())

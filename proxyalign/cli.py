@@ -169,25 +169,22 @@ def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
         options.update(criterion=args.criterion, criterion_params=_parse_params(args.param))
     # Everything that can be wrong with the command is checked before a minute of loading weights.
     check_options(options)
-    get_criterion(args.criterion or default, **_parse_params(args.param))
+    criterion = get_criterion(args.criterion or default, **_parse_params(args.param))
     prompts = _read_prompts(args.prompts)
     for index, prompt in enumerate(prompts):
         if not check_text(prompt, f"prompt {index}").strip():
             raise ProxyAlignError(f"prompt {index} is empty; give some text to continue")
+    formats = {"base": args.base_format, "aligned": args.aligned_format, "small_base": args.base_format}
+    _check_prompts_fit(args, prompts, criterion, formats)
     aligner = ProxyAligner.from_pretrained(
         base=args.base,
         aligned=args.aligned,
         small_base=args.small_base,
-        criterion=args.criterion or default,
-        criterion_params=_parse_params(args.param),
+        criterion=criterion,
         dtype=args.dtype,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
-        prompt_formats={
-            "base": args.base_format,
-            "aligned": args.aligned_format,
-            "small_base": args.base_format,
-        },
+        prompt_formats=formats,
     )
     if args.json:
         generations = aligner.generate(prompts, **options)
@@ -210,6 +207,34 @@ def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
         if final is not None:
             console.print(stats_line(final), style="cyan")
     return 0
+
+
+def _check_prompts_fit(
+    args: argparse.Namespace, prompts: Sequence[str], criterion: Any, formats: dict[str, str]
+) -> None:
+    """Tokenize the prompts as the aligner will and check them against every model's context window,
+    from the models' small files alone: a prompt too long costs seconds, not a minute of loading."""
+    from proxyalign.engine.request import roles_for
+    from proxyalign.errors import InvalidParameterError
+    from proxyalign.models import check_model_spec, peek_model
+    from proxyalign.prompts import encode_prompts, validate_format
+
+    if criterion.needs_small_base and args.small_base is None:
+        raise InvalidParameterError(
+            f"criterion {criterion.name!r} needs the small base model q: pass --small-base"
+        )
+    specs = {"base": args.base, "aligned": args.aligned, "small_base": args.small_base}
+    roles = roles_for(criterion)
+    for role in roles:
+        check_model_spec(specs[role], role=role, dtype=args.dtype, device=args.device)
+    infos = {
+        role: peek_model(specs[role], role=role, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        for role in roles
+    }
+    checked = {role: validate_format(role, fmt) for role, fmt in formats.items()}
+    windows = {role: info.window for role, info in infos.items()}
+    # the aligner decodes with q*'s tokenizer (every model shares its vocabulary)
+    encode_prompts(prompts, checked, infos["aligned"].tokenizer, windows, args.max_new_tokens)
 
 
 def _chunk_style(sources: Sequence[Any]) -> str:

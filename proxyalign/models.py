@@ -23,9 +23,11 @@ __all__ = [
     "LoadedModel",
     "check_model_spec",
     "check_same_vocabulary",
+    "config_window",
     "context_window",
     "eos_token_ids",
     "load_model",
+    "peek_model",
     "real_vocab_size",
     "resolve_device",
     "resolve_dtype",
@@ -153,17 +155,50 @@ def load_model(
             kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") in {"1", "true", "True"}
-        hint = " (HF_HUB_OFFLINE is set: only local paths and cached models resolve)" if offline else ""
-        raise ModelLoadError(
-            f"could not load the {role} model from {os.fspath(spec)!r}{hint}: {exc}. "
-            "Give a hub id, a local model directory, a .gguf file, or an offline asset name "
-            "(see `proxyalign models list`)."
-        ) from exc
+        raise _load_error(role, spec, exc) from exc
     if device_map is None:
         model = model.to(resolve_device(device, role))
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=os.fspath(spec))
+
+
+def _load_error(role: str, spec: str | os.PathLike[str], exc: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE") in {"1", "true", "True"}
+    hint = " (HF_HUB_OFFLINE is set: only local paths and cached models resolve)" if offline else ""
+    return ModelLoadError(
+        f"could not load the {role} model from {os.fspath(spec)!r}{hint}: {exc}. "
+        "Give a hub id, a local model directory, a .gguf file, or an offline asset name "
+        "(see `proxyalign models list`)."
+    )
+
+
+@dataclass
+class ModelInfo:
+    """What a model's small files say, read without its weights: its tokenizer and context window."""
+
+    tokenizer: Any
+    window: int | None
+
+
+def peek_model(
+    spec: str | os.PathLike[str],
+    *,
+    role: str = "model",
+    dtype: str | torch.dtype | None = "auto",
+    trust_remote_code: bool = False,
+) -> ModelInfo:
+    """A model's tokenizer and context window without loading its weights (seconds, not a minute), so
+    a command line can check its prompts against the window before it loads anything."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source, extra = _resolve_source(spec, resolve_dtype(dtype, role))
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code, **extra}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        config = AutoConfig.from_pretrained(source, **common)
+    except (OSError, ValueError) as exc:
+        raise _load_error(role, spec, exc) from exc
+    return ModelInfo(tokenizer=tokenizer, window=config_window(config))
 
 
 def _describe_difference(name_a: str, vocab_a: dict[str, int], name_b: str, vocab_b: dict[str, int]) -> str:
@@ -236,7 +271,11 @@ def eos_token_ids(models: Mapping[str, Any], tokenizers: Mapping[str, Any]) -> f
 
 def context_window(model: Any) -> int | None:
     """Maximum sequence length a model was built for, when its config says."""
-    config = model.config
+    return config_window(model.config)
+
+
+def config_window(config: Any) -> int | None:
+    """Maximum sequence length in a model config, when it says."""
     for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, attribute, None)
         if isinstance(value, int) and value > 0:

@@ -25,6 +25,7 @@ __all__ = [
     "PromptFormat",
     "check_messages",
     "check_text",
+    "encode_prompts",
     "prompt_name",
     "render_prompt",
     "tokenize_prompt",
@@ -179,3 +180,31 @@ def tokenize_prompt(prompt: SinglePrompt, fmt: str, tokenizer: Any, index: int |
     if not ids:
         raise InvalidParameterError(f"{prompt_name(index)} tokenizes to no tokens")
     return list(ids)
+
+
+def encode_prompts(
+    batch: Sequence[Prompt],
+    formats: Mapping[str, str],
+    tokenizer: Any,
+    windows: Mapping[str, int | None],
+    max_new_tokens: int,
+) -> dict[str, list[list[int]]]:
+    """Each model's token ids for every prompt of a batch (``{role: [ids per prompt]}``, for the roles in
+    ``windows``), refusing a prompt that leaves no room for ``max_new_tokens`` in a model's window.
+
+    Needs only the tokenizer and the windows, so the command line runs it before loading any weights.
+    """
+    encoded: dict[str, list[list[int]]] = {}
+    for role, window in windows.items():
+        rows = []
+        for position, prompt in enumerate(batch):
+            index = position if len(batch) > 1 else None  # one prompt alone is "the prompt"
+            ids = tokenize_prompt(prompt_for_role(prompt, role, index), formats[role], tokenizer, index)
+            if window is not None and len(ids) + max_new_tokens > window:
+                raise InvalidParameterError(
+                    f"{prompt_name(index)} has {len(ids)} tokens for the {role} model; with "
+                    f"max_new_tokens={max_new_tokens} that exceeds its context window of {window}"
+                )
+            rows.append(ids)
+        encoded[role] = rows
+    return encoded

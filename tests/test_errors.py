@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -202,6 +204,24 @@ def test_cli_generate_checks_prompts_devices_and_paths_before_loading(capsys, ti
     code, err = cli(capsys, "generate", "--base", base, "--aligned", str(tmp_path), "w5")
     assert code == 2 and "has no config.json" in err
     assert time.perf_counter() - started < 5, "these must fail before loading p"
+
+
+def test_cli_generate_checks_the_context_window_before_loading_weights(capsys, tiny_dirs, tmp_path):
+    """Weights removed from copies of the pair: the window error must come from the small files alone."""
+    weightless = []
+    for directory in tiny_dirs:
+        copy = tmp_path / Path(directory).name
+        shutil.copytree(directory, copy)
+        for weights in copy.glob("*.safetensors"):
+            weights.unlink()
+        weightless.append(str(copy))
+    base, aligned = weightless
+    long_prompt = " ".join(["w5"] * 300)  # the tiny models' window is 256 tokens
+    code, err = cli(capsys, "generate", "--base", base, "--aligned", aligned, long_prompt)
+    assert code == 2 and "exceeds its context window of 256" in err and "Traceback" not in err, err
+    models = ["--base", base, "--aligned", aligned]
+    code, err = cli(capsys, "generate", *models, "--max-new-tokens", "256", "w5 w6 w7")
+    assert code == 2 and "max_new_tokens=256" in err and "context window" in err, err
 
 
 def test_cli_models_and_eval_errors_are_one_line(capsys, tmp_path):
