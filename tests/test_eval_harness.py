@@ -7,6 +7,7 @@ import json
 from collections import Counter
 
 import pytest
+from scipy import stats as scipy_stats
 
 from proxyalign.cli import main
 from proxyalign.engine.results import FinishReason, Generation, GenerationStats, Source
@@ -96,7 +97,6 @@ def test_sweep_maps_onto_each_criterions_own_parameter():
 
 
 def test_mcnemar_exact_matches_the_binomial_test():
-    scipy_stats = pytest.importorskip("scipy.stats")
     for wins, losses in [(10, 2), (5, 0), (7, 7), (0, 3), (30, 18)]:
         expected = scipy_stats.binomtest(wins, wins + losses, 0.5).pvalue
         assert mcnemar_exact(wins, losses) == pytest.approx(expected, rel=1e-9)

@@ -91,6 +91,8 @@ class Criterion(ABC):
     - ``reads``: which distributions mu depends on. A criterion that reads only ``"p"`` lets the
       engine draft from p first and run q* only when a draft is rejected (lazy q*).
     - ``always_rejects``: mu is 1 everywhere, so p's draft is never kept and p need not run.
+    - ``never_rejects``: mu is 0 everywhere, so the output is p's (tools that compare methods, like the
+      evaluation harness, then know that only p's prompt steers it).
 
     All tensors are float32 probabilities of shape ``[B, V]`` on one device.
     """
@@ -101,6 +103,7 @@ class Criterion(ABC):
     params: ClassVar[tuple[Param, ...]] = ()
     reads: ClassVar[frozenset[str]] = frozenset({"p"})
     always_rejects: ClassVar[bool] = False
+    never_rejects: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         declared = {param.name: param for param in type(self).params}

@@ -15,6 +15,7 @@ class Base(Criterion):
     description = "Never reject: the large base model p alone."
     reference = "baseline"
     reads = frozenset({"p"})
+    never_rejects = True
 
     def rejection(self, p, q_star=None, q=None) -> torch.Tensor:
         return torch.zeros_like(p)

@@ -14,6 +14,7 @@ from typing import Any
 
 from proxyalign.errors import ProxyAlignError
 from proxyalign.plugins import get_criterion
+from proxyalign.roles import ALIGNED, BASE
 
 __all__ = [
     "GENERIC_SWEEP_NAMES",
@@ -64,13 +65,10 @@ class Method:
         """The models whose prompts steer the output (for stop strings)."""
         criterion = get_criterion(self.criterion, **self.param_dict)
         if criterion.always_rejects:
-            return ("aligned",)
-        # The criterion API says when mu is 1 everywhere (always_rejects) but not when it is 0
-        # everywhere, and reading p alone does not imply it (dual_kad rejects, then q* decodes), so
-        # "p alone" is known by its registry name.
-        if self.criterion == "base":
-            return ("base",)
-        return ("base", "aligned")
+            return (ALIGNED,)
+        if criterion.never_rejects:
+            return (BASE,)
+        return (BASE, ALIGNED)
 
 
 def resolve_method(name: str, params: Mapping[str, Any] | None = None, pinned: Iterable[str] = ()) -> Method:

@@ -361,6 +361,8 @@ def _check_outputs(criterion: Criterion, batch: Batch, context: str = "") -> Non
         )
     if criterion.kind is CriterionKind.ALIGNED_ONLY and not bool((mu == 1).all()):
         raise _fail(criterion, f"always_rejects is set but mu{where} is not 1 everywhere")
+    if criterion.never_rejects and not bool((mu == 0).all()):
+        raise _fail(criterion, f"never_rejects is set but mu{where} is not 0 everywhere")
     target = _check_tensor(criterion, f"target{where}", _target(criterion, batch), batch.p)
     bad = ~torch.isfinite(target).all(dim=-1)
     if bad.any():
@@ -803,6 +805,8 @@ def check_engine(criterion: CriterionLike, max_new_tokens: int = 6, seed: int = 
                 )
             if crit.kind is CriterionKind.ALIGNED_ONLY and any(str(s) != "aligned" for s in g.sources):
                 raise _fail(crit, f"always_rejects is set but some tokens did not come from q* ({where})")
+            if mode == "token" and crit.never_rejects and any(str(s) != "base" for s in g.sources):
+                raise _fail(crit, f"never_rejects is set but some tokens did not come from p ({where})")
             if (
                 mode == "token"
                 and crit.kind is not CriterionKind.TARGET
