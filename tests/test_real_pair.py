@@ -6,6 +6,8 @@ tests are skipped with that instruction.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -78,3 +80,43 @@ def test_streaming_on_real_weights_matches_generate(pair):
     assert "".join(c.text for c in chunks) == final.text
     direct = pair.generate(QUESTION, max_new_tokens=12, seed=3, criterion="confidence_bet")[0]
     assert direct.token_ids == final.token_ids
+
+
+def test_a_request_joining_a_running_batch_decodes_as_alone():
+    """Continuous batching on real weights: B joins while A is decoding (different prompt widths for p
+    and q*, so caches and queues are padded on join); greedy, each gives its tokens alone. float32, so
+    the padding's different summation order cannot flip an argmax."""
+    dirs = real_pair_dirs("bfloat16")
+    if dirs is None:
+        pytest.skip("real pair not cached: run `proxyalign models fetch qwen2.5-coder-pair`")
+    pa = proxyalign.ProxyAligner.from_pretrained(
+        str(dirs[0]), str(dirs[1]), dtype="float32", device="cpu", criterion="confidence_bet"
+    )
+    try:
+        first = {"base": f"# {QUESTION}\ndef", "aligned": QUESTION}
+        second = {
+            "base": "Question: A farmer has 3 fields of 12 cows each. How many cows?\nAnswer:",
+            "aligned": [{"role": "user", "content": "A farmer has 3 fields of 12 cows each. How many cows?"}],
+        }
+        options = {"max_new_tokens": 16, "temperature": 0}
+        alone = [pa.generate(prompt, **options)[0].token_ids for prompt in (first, second)]
+        tokens: list[int] = []
+        started = threading.Event()
+
+        def run_first() -> None:
+            for chunk in pa.stream(first, **options):
+                tokens.extend(chunk.token_ids)
+                if len(tokens) >= 4:
+                    started.set()
+            started.set()
+
+        thread = threading.Thread(target=run_first)
+        thread.start()
+        assert started.wait(120)
+        joined = pa.generate(second, **options)[0].token_ids
+        thread.join(120)
+        assert len(alone[0]) > 4, "A must still be decoding when B joins"
+        assert tokens == alone[0]
+        assert joined == alone[1]
+    finally:
+        pa.close()
