@@ -21,7 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from proxyalign import assets
 from proxyalign.assets import Asset, ModelPair, WheelPart
@@ -166,7 +168,6 @@ def test_registry_holds_the_documented_assets() -> None:
 
 
 def test_normalize_dtype_accepts_aliases_and_torch_dtypes() -> None:
-    torch = pytest.importorskip("torch")
     assert assets.normalize_dtype("bf16") == assets.normalize_dtype(torch.bfloat16) == "bfloat16"
     assert assets.normalize_dtype("fp32") == assets.normalize_dtype("float32") == "float32"
     with pytest.raises(ValueError, match="unsupported dtype"):
@@ -271,7 +272,7 @@ def test_sha256_mismatch_is_refused_and_nothing_is_trusted(
 def test_interrupted_assembly_leaves_nothing_trusted_and_rerun_works(
     fake: FakeAsset, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_copy = assets._copy_member
+    real_copy = assets.assemble._copy_member
     calls = {"n": 0}
 
     def copy_then_interrupt(source, sink, digest, bar) -> None:  # type: ignore[no-untyped-def]
@@ -281,7 +282,7 @@ def test_interrupted_assembly_leaves_nothing_trusted_and_rerun_works(
             raise KeyboardInterrupt
         real_copy(source, sink, digest, bar)
 
-    monkeypatch.setattr(assets, "_copy_member", copy_then_interrupt)
+    monkeypatch.setattr(assets.assemble, "_copy_member", copy_then_interrupt)
     downloader, converter = CopyDownloader(fake.index), FakeConverter()
     with pytest.raises(KeyboardInterrupt):
         assets.fetch(fake.asset.name, progress=False, downloader=downloader, converter=converter)
@@ -291,7 +292,7 @@ def test_interrupted_assembly_leaves_nothing_trusted_and_rerun_works(
     with pytest.raises(assets.AssetNotCachedError):
         assets.resolve(fake.asset.name)
 
-    monkeypatch.setattr(assets, "_copy_member", real_copy)
+    monkeypatch.setattr(assets.assemble, "_copy_member", real_copy)
     dirs = assets.fetch(fake.asset.name, progress=False, downloader=downloader, converter=converter)
     assert (gguf_dir / fake.asset.gguf_file).read_bytes() == fake.content
     assert assets.resolve(fake.asset.name) == dirs["bfloat16"]
@@ -357,7 +358,7 @@ def test_changed_registry_entry_invalidates_the_cache(
 def test_disk_space_is_checked_before_downloading(
     fake: FakeAsset, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(assets, "_free_bytes", lambda path: 1234)
+    monkeypatch.setattr(assets.cache, "_free_bytes", lambda path: 1234)
     downloader = CopyDownloader(fake.index)
     with pytest.raises(assets.DiskSpaceError, match=r"needs about [\d,]+ bytes free .* only 1,234"):
         assets.fetch(fake.asset.name, progress=False, downloader=downloader, converter=FakeConverter())
@@ -412,7 +413,6 @@ def test_resolve_prefers_an_existing_local_directory_to_a_bare_asset_name(
 
 
 def test_fetch_accepts_a_single_dtype(fake: FakeAsset, cache: Path) -> None:
-    torch = pytest.importorskip("torch")
     downloader, converter = CopyDownloader(fake.index), FakeConverter()
     dirs = assets.fetch(
         fake.asset.name, torch.float32, progress=False, downloader=downloader, converter=converter
@@ -500,8 +500,8 @@ def _byte_level_tokens() -> list[str]:
 
 def _write_tiny_qwen2_gguf(path: Path) -> None:
     """A 2-layer Qwen2 with a byte-level tokenizer and a chat template, in float32 GGUF."""
-    gguf = pytest.importorskip("gguf")
-    np = pytest.importorskip("numpy")
+    import gguf
+
     rng = np.random.default_rng(0)
     tokens = [*_byte_level_tokens(), "Ġt", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     vocab, hidden, ffn, layers, heads, kv_heads = len(tokens), 32, 64, 2, 4, 2
@@ -554,9 +554,9 @@ def _write_tiny_qwen2_gguf(path: Path) -> None:
 def test_transformers_converter_on_a_tiny_gguf(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
+    import accelerate  # noqa: F401  (part of the gguf extra this test exercises)
+    import transformers
+
     source = tmp_path / "tiny.gguf"
     _write_tiny_qwen2_gguf(source)
     built = _build_fake(tmp_path, name="tiny-qwen2", payload=source.read_bytes())
@@ -638,7 +638,8 @@ def test_real_smollm2_loads_and_generates_offline() -> None:
     reason="needs `proxyalign models fetch qwen2.5-coder-pair`",
 )
 def test_real_qwen_pair_shares_one_tokenizer() -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     base, aligned = (Path(p) for p in assets.fetch("qwen2.5-coder-pair", progress=False).values())
     tokenizers = [transformers.AutoTokenizer.from_pretrained(d) for d in (base, aligned)]
     assert tokenizers[0].get_vocab() == tokenizers[1].get_vocab()
