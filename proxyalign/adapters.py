@@ -24,19 +24,26 @@ from proxyalign import Criterion, Generation, GenerationChunk, ProxyAligner, Sou
 from proxyalign.models import context_window
 
 __all__ = [
+    "SETTING_FIELDS",
     "EngineCall",
     "acoalesce",
+    "adapter_aligner",
     "chat_prompt",
+    "check_settings",
     "coalesce",
+    "completion_info",
     "default_criterion",
     "effective_settings",
     "engine_call",
     "engine_parameters",
+    "instance_settings",
+    "merge_criterion",
     "min_context_window",
     "model_name",
     "provenance",
     "shared_aligner",
     "summary",
+    "token_ids",
     "usage",
 ]
 
@@ -45,6 +52,19 @@ ALIASES = {"max_tokens": "max_new_tokens"}
 #: Call kwargs of features the hybrid does not offer: fail loudly rather than silently ignore them.
 UNSUPPORTED_CALL_KWARGS = frozenset(
     {"tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format"}
+)
+#: Engine settings every adapter declares as a field of its own, in engine names (LangChain's field for
+#: ``max_new_tokens`` is ``max_tokens``). ``engine_kwargs`` carries any other ``generate`` option.
+SETTING_FIELDS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "stop",
+    "criterion_on",
+    "criterion",
+    "criterion_params",
 )
 
 _SHARED: weakref.WeakValueDictionary[str, ProxyAligner] = weakref.WeakValueDictionary()
@@ -75,6 +95,65 @@ def shared_aligner(
     return aligner
 
 
+def adapter_aligner(
+    aligner: Any,
+    base: str | None,
+    aligned: str | None,
+    small_base: str | None,
+    criterion: Any,
+    load_kwargs: Mapping[str, Any],
+) -> tuple[ProxyAligner, Any]:
+    """The engine an adapter decodes with, and the adapter's criterion.
+
+    A given ``aligner`` is used as it is. Otherwise ``base`` and ``aligned`` load (or reuse) a pair, and
+    a criterion left unset becomes the default the pair is loaded with, so the adapter reports it.
+    """
+    if aligner is None:
+        if not (base and aligned):
+            raise ValueError("give either aligner=ProxyAligner(...) or both base=... and aligned=...")
+        if criterion is None:
+            criterion = default_criterion()
+        return shared_aligner(base, aligned, small_base, criterion, load_kwargs), criterion
+    if not isinstance(aligner, ProxyAligner):
+        raise TypeError(f"aligner must be a proxyalign.ProxyAligner, got {type(aligner).__name__}")
+    return aligner, criterion
+
+
+def instance_settings(adapter: Any, *, renamed: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """An adapter's settings in engine names, ``None`` where unset: the input of :func:`engine_call`.
+
+    Read from the adapter's attributes (:data:`SETTING_FIELDS` and ``engine_kwargs``); ``renamed`` maps
+    an engine name to the adapter's field where the framework spells it differently.
+    """
+    field = dict(renamed or {})
+    own = {name: getattr(adapter, field.get(name, name)) for name in SETTING_FIELDS}
+    criterion = {name: own.pop(name) for name in ("criterion", "criterion_params")}
+    return {**own, **adapter.engine_kwargs, **criterion}
+
+
+def check_settings(
+    aligner: ProxyAligner,
+    settings: Mapping[str, Any],
+    engine_kwargs: Collection[str],
+    *,
+    list_accepted: bool = True,
+) -> None:
+    """Refuse an adapter's bad settings when it is built, not at its first call.
+
+    ``engine_kwargs`` may only name ``generate`` options without a field of their own (a second spelling
+    of a field would make the two disagree); every value must pass ``ProxyAligner.check_options``.
+    ``list_accepted`` adds the accepted names to the message.
+    """
+    accepted = engine_parameters(aligner) - set(SETTING_FIELDS)
+    unknown = set(engine_kwargs) - accepted
+    if unknown:
+        message = f"engine_kwargs {sorted(unknown)} are not ProxyAligner.generate options"
+        if list_accepted:
+            message += f" without a field of their own; accepted: {sorted(accepted)}"
+        raise ValueError(message)
+    aligner.check_options(**{k: v for k, v in settings.items() if v is not None})
+
+
 @functools.cache
 def _generate_options(engine: type) -> frozenset[str]:
     names: set[str] = set()
@@ -101,6 +180,12 @@ def engine_parameters(aligner: ProxyAligner) -> frozenset[str]:
 def model_name(aligner: ProxyAligner) -> str:
     """Both models, base first: what usage trackers and traces show."""
     return f"{aligner.names['base']}+{aligner.names['aligned']}"
+
+
+def token_ids(aligner: ProxyAligner, text: str) -> list[int]:
+    """Token ids of ``text`` by the models' own tokenizer, without special tokens: what the frameworks'
+    token counters should count (their defaults guess with another tokenizer)."""
+    return list(aligner.tokenizer.encode(text, add_special_tokens=False))
 
 
 def min_context_window(aligner: ProxyAligner) -> int | None:
@@ -234,6 +319,14 @@ def summary(generation: Generation, name: str, criterion: Criterion) -> dict[str
         "criterion": criterion.name,
         "criterion_params": dict(criterion.params),
         "proxyalign_stats": generation.stats.as_dict(),
+    }
+
+
+def completion_info(generation: Generation, name: str, criterion: Criterion) -> dict[str, Any]:
+    """Everything a finished completion reports: :func:`summary`, then :func:`provenance`."""
+    return {
+        **summary(generation, name, criterion),
+        **provenance(generation.token_ids, generation.sources),
     }
 
 

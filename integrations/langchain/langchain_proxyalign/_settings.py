@@ -1,29 +1,25 @@
-"""Fields and helpers shared by :class:`ProxyAlignLLM` and :class:`ChatProxyAlign`."""
+"""Fields and helpers shared by :class:`ProxyAlignLLM` and :class:`ChatProxyAlign`.
+
+What is not LangChain's (loading, validation, settings -> engine arguments) lives in
+:mod:`proxyalign.adapters`; this module holds the pydantic fields LangChain needs and the parts both
+LangChain classes share (call options, tracing parameters, the streaming loop).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import aclosing, closing
+from typing import Any, ClassVar, Literal
 
-from proxyalign import ProxyAligner, adapters
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models.base import LangSmithParams
+from proxyalign import GenerationChunk, adapters
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: Call kwargs LangChain itself consumes before (or while) calling us.
 IGNORED_CALL_KWARGS = frozenset({"stream"})
-#: Settings with a field of their own (``max_tokens`` is the engine's ``max_new_tokens``).
-_FIELDS = frozenset(
-    {
-        "max_new_tokens",
-        "temperature",
-        "top_k",
-        "top_p",
-        "seed",
-        "stop",
-        "criterion",
-        "criterion_params",
-        "criterion_on",
-    }
-)
+#: LangChain's name for the engine's ``max_new_tokens`` (the OpenAI spelling).
+_RENAMED = {"max_new_tokens": "max_tokens"}
 
 
 class ProxyAlignSettings(BaseModel):
@@ -58,27 +54,18 @@ class ProxyAlignSettings(BaseModel):
     )
     streaming: bool = False
 
+    #: ``ls_model_type`` of LangSmith traces.
+    _ls_model_type: ClassVar[Literal["chat", "llm"]]
+
     @model_validator(mode="after")
     def _attach_aligner(self) -> ProxyAlignSettings:
         """Load (or reuse) the engine and validate settings at construction, not at the first call."""
-        if self.aligner is None:
-            if not (self.base and self.aligned):
-                raise ValueError("give either aligner=ProxyAligner(...) or both base=... and aligned=...")
-            if self.criterion is None:
-                self.criterion = adapters.default_criterion()
-            self.aligner = adapters.shared_aligner(
-                self.base, self.aligned, self.small_base, self.criterion, self.load_kwargs
-            )
-        elif not isinstance(self.aligner, ProxyAligner):
-            raise TypeError(f"aligner must be a proxyalign.ProxyAligner, got {type(self.aligner).__name__}")
-        unknown = set(self.engine_kwargs) - (adapters.engine_parameters(self.aligner) - _FIELDS)
-        if unknown:
-            raise ValueError(
-                f"engine_kwargs {sorted(unknown)} are not ProxyAligner.generate options without a field "
-                f"of their own; accepted: {sorted(adapters.engine_parameters(self.aligner) - _FIELDS)}"
-            )
-        settings = {k: v for k, v in self._instance_settings().items() if v is not None}
-        self.aligner.check_options(**settings)  # every setting now, not at the first call
+        aligner, criterion = adapters.adapter_aligner(
+            self.aligner, self.base, self.aligned, self.small_base, self.criterion, self.load_kwargs
+        )
+        if self.aligner is None:  # loaded from ids (assign only then: assigning marks a field as set)
+            self.aligner, self.criterion = aligner, criterion
+        adapters.check_settings(self.aligner, self._instance_settings(), self.engine_kwargs)
         return self
 
     @property
@@ -87,20 +74,10 @@ class ProxyAlignSettings(BaseModel):
         return adapters.model_name(self.aligner)
 
     def _instance_settings(self) -> dict[str, Any]:
-        return {
-            "max_new_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "stop": self.stop,
-            "criterion_on": self.criterion_on,
-            **self.engine_kwargs,
-            "criterion": self.criterion,
-            "criterion_params": self.criterion_params,
-        }
+        return adapters.instance_settings(self, renamed=_RENAMED)
 
-    def _identifying(self) -> dict[str, Any]:
+    @property
+    def _identifying_params(self) -> Mapping[str, Any]:
         """Enough to tell two configurations apart: a LangChain cache key."""
         criterion = self.aligner.resolve_criterion(self.criterion, self.criterion_params)
         names = self.aligner.names
@@ -118,16 +95,18 @@ class ProxyAlignSettings(BaseModel):
             **settings,
         }
 
-    def _ls_settings(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """Temperature, max tokens and stop of a call, for LangSmith's standard trace fields."""
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        """LangSmith's standard trace fields: the model, and a call's temperature, max tokens and stop."""
         settings = adapters.effective_settings(self.aligner, self._instance_settings())
-        return {
-            "ls_temperature": kwargs.get("temperature", settings["temperature"]),
-            "ls_max_tokens": kwargs.get(
-                "max_tokens", kwargs.get("max_new_tokens", settings["max_new_tokens"])
-            ),
-            "ls_stop": stop if stop is not None else settings["stop"],
-        }
+        model = kwargs.get("model")
+        return LangSmithParams(
+            ls_provider="proxyalign",
+            ls_model_name=model if isinstance(model, str) else self.model_name,
+            ls_model_type=self._ls_model_type,
+            ls_temperature=kwargs.get("temperature", settings["temperature"]),
+            ls_max_tokens=kwargs.get("max_tokens", kwargs.get("max_new_tokens", settings["max_new_tokens"])),
+            ls_stop=stop if stop is not None else settings["stop"],
+        )
 
     def _engine_call(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> adapters.EngineCall:
         call = dict(kwargs)
@@ -146,7 +125,39 @@ class ProxyAlignSettings(BaseModel):
         custom = getattr(self, "custom_get_token_ids", None)
         if custom is not None:
             return custom(text)
-        return list(self.aligner.tokenizer.encode(text, add_special_tokens=False))
+        return adapters.token_ids(self.aligner, text)
+
+    # -- one prompt's stream, as this class's chunks (``_chunk``) -------------------------------------
+    def _chunk(self, chunk: GenerationChunk, call: adapters.EngineCall) -> Any:
+        """One engine chunk as this class's LangChain chunk (each class defines its own)."""
+        raise NotImplementedError
+
+    def _pieces(
+        self, prompt: Any, call: adapters.EngineCall, run_manager: CallbackManagerForLLMRun | None = None
+    ) -> Iterator[Any]:
+        """The engine's stream of ``prompt`` as LangChain chunks, each also sent to ``run_manager`` when
+        given (an ``LLM`` reports its own tokens; a chat model's ``stream`` reports them for it).
+        Closing this generator aborts the request."""
+        with closing(adapters.coalesce(self.aligner.stream(prompt, **call.kwargs))) as chunks:
+            for chunk in chunks:
+                piece = self._chunk(chunk, call)
+                if run_manager:
+                    run_manager.on_llm_new_token(chunk.text, chunk=piece)
+                yield piece
+
+    async def _apieces(
+        self,
+        prompt: Any,
+        call: adapters.EngineCall,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+    ) -> AsyncIterator[Any]:
+        """:meth:`_pieces` on the engine's async stream."""
+        async with aclosing(adapters.acoalesce(self.aligner.astream(prompt, **call.kwargs))) as chunks:
+            async for chunk in chunks:
+                piece = self._chunk(chunk, call)
+                if run_manager:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=piece)
+                yield piece
 
 
 def combine_llm_outputs(outputs: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:

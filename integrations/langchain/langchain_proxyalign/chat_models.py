@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextvars
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
-from typing import Any
+from contextlib import aclosing
+from typing import Any, ClassVar, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -29,15 +28,7 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.runnables import Runnable
 from proxyalign import Generation, GenerationChunk
-from proxyalign.adapters import (
-    EngineCall,
-    acoalesce,
-    chat_prompt,
-    coalesce,
-    provenance,
-    summary,
-    usage,
-)
+from proxyalign.adapters import EngineCall, chat_prompt, completion_info, provenance, summary, usage
 from proxyalign.prompts import tokenize_prompt
 from pydantic import ConfigDict, Field
 
@@ -107,6 +98,7 @@ class ChatProxyAlign(ProxyAlignSettings, BaseChatModel):
 
     # Unknown constructor arguments are errors: a misspelt setting must not silently do nothing.
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", protected_namespaces=())
+    _ls_model_type: ClassVar[Literal["chat", "llm"]] = "chat"
 
     messages_to_prompt: Callable[[list[BaseMessage]], str] | None = Field(
         default=None,
@@ -118,19 +110,6 @@ class ChatProxyAlign(ProxyAlignSettings, BaseChatModel):
     @property
     def _llm_type(self) -> str:
         return "proxyalign-chat"
-
-    @property
-    def _identifying_params(self) -> Mapping[str, Any]:
-        return self._identifying()
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        model = kwargs.get("model")
-        return LangSmithParams(
-            ls_provider="proxyalign",
-            ls_model_name=model if isinstance(model, str) else self.model_name,
-            ls_model_type="chat",
-            **self._ls_settings(stop, kwargs),
-        )
 
     # -- token counting ----------------------------------------------------------------------------
     def get_num_tokens_from_messages(
@@ -163,10 +142,7 @@ class ChatProxyAlign(ProxyAlignSettings, BaseChatModel):
         )
 
     def _result(self, generation: Generation, call: EngineCall) -> ChatResult:
-        info = {
-            **summary(generation, self.model_name, call.criterion),
-            **provenance(generation.token_ids, generation.sources),
-        }
+        info = completion_info(generation, self.model_name, call.criterion)
         message = AIMessage(content=generation.text, usage_metadata=self._usage(generation))
         return ChatResult(
             generations=[ChatGeneration(message=message, generation_info=info)],
@@ -217,9 +193,7 @@ class ChatProxyAlign(ProxyAlignSettings, BaseChatModel):
         to the next chunk. The last chunk has the usage, the statistics and ``chunk_position="last"``.
         """
         call = self._engine_call(stop, kwargs)
-        with closing(coalesce(self.aligner.stream(self._prompt(messages), **call.kwargs))) as chunks:
-            for chunk in chunks:
-                yield self._chunk(chunk, call)
+        yield from self._pieces(self._prompt(messages), call)  # BaseChatModel reports the tokens
 
     async def _astream(
         self,
@@ -229,8 +203,9 @@ class ChatProxyAlign(ProxyAlignSettings, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         call = self._engine_call(stop, kwargs)
-        async for chunk in acoalesce(self.aligner.astream(self._prompt(messages), **call.kwargs)):
-            yield self._chunk(chunk, call)
+        async with aclosing(self._apieces(self._prompt(messages), call)) as pieces:
+            async for piece in pieces:
+                yield piece
 
     def _chunk(self, chunk: GenerationChunk, call: EngineCall) -> ChatGenerationChunk:
         info: dict[str, Any] = provenance(chunk.token_ids, chunk.sources)

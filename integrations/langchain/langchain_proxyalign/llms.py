@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import closing
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, closing
+from typing import Any, ClassVar, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LLM
-from langchain_core.language_models.base import LangSmithParams
 from langchain_core.outputs import Generation as LCGeneration
 from langchain_core.outputs import GenerationChunk as LCGenerationChunk
 from langchain_core.outputs import LLMResult
 from proxyalign import Generation, GenerationChunk
-from proxyalign.adapters import EngineCall, acoalesce, coalesce, provenance, summary, usage
+from proxyalign.adapters import EngineCall, acoalesce, coalesce, completion_info, provenance, summary, usage
 from pydantic import ConfigDict
 
 from langchain_proxyalign._settings import ProxyAlignSettings
@@ -36,31 +35,18 @@ class ProxyAlignLLM(ProxyAlignSettings, LLM):
 
     # Unknown constructor arguments are errors: a misspelt setting must not silently do nothing.
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", protected_namespaces=())
+    _ls_model_type: ClassVar[Literal["chat", "llm"]] = "llm"
 
     @property
     def _llm_type(self) -> str:
         return "proxyalign"
-
-    @property
-    def _identifying_params(self) -> Mapping[str, Any]:
-        return self._identifying()
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        model = kwargs.get("model")
-        return LangSmithParams(
-            ls_provider="proxyalign",
-            ls_model_name=model if isinstance(model, str) else self.model_name,
-            ls_model_type="llm",
-            **self._ls_settings(stop, kwargs),
-        )
 
     # -- results -----------------------------------------------------------------------------------
     def _result(self, generations: list[Generation], call: EngineCall) -> LLMResult:
         rows = []
         for generation in generations:
             info = {
-                **summary(generation, self.model_name, call.criterion),
-                **provenance(generation.token_ids, generation.sources),
+                **completion_info(generation, self.model_name, call.criterion),
                 "token_usage": usage([generation]),
             }
             rows.append([LCGeneration(text=generation.text, generation_info=info)])
@@ -114,12 +100,7 @@ class ProxyAlignLLM(ProxyAlignSettings, LLM):
         **kwargs: Any,
     ) -> Iterator[LCGenerationChunk]:
         call = self._engine_call(stop, kwargs)
-        with closing(coalesce(self.aligner.stream(prompt, **call.kwargs))) as chunks:
-            for chunk in chunks:
-                piece = self._chunk(chunk, call)
-                if run_manager:
-                    run_manager.on_llm_new_token(chunk.text, chunk=piece)
-                yield piece
+        yield from self._pieces(prompt, call, run_manager)
 
     # -- async: straight to the engine's running batch; the event loop never blocks ---------------------
     async def _agenerate(
@@ -147,8 +128,6 @@ class ProxyAlignLLM(ProxyAlignSettings, LLM):
         **kwargs: Any,
     ) -> AsyncIterator[LCGenerationChunk]:
         call = self._engine_call(stop, kwargs)
-        async for chunk in acoalesce(self.aligner.astream(prompt, **call.kwargs)):
-            piece = self._chunk(chunk, call)
-            if run_manager:
-                await run_manager.on_llm_new_token(chunk.text, chunk=piece)
-            yield piece
+        async with aclosing(self._apieces(prompt, call, run_manager)) as pieces:
+            async for piece in pieces:
+                yield piece

@@ -103,24 +103,13 @@ class ProxyAlign(CustomLLM):
 
     def __init__(self, aligner: ProxyAligner | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if aligner is None:
-            if not (self.base and self.aligned):
-                raise ValueError("give either aligner=ProxyAligner(...) or both base=... and aligned=...")
-            if self.criterion is None:
-                self.criterion = adapters.default_criterion()
-            aligner = adapters.shared_aligner(
-                self.base, self.aligned, self.small_base, self.criterion, self.load_kwargs
-            )
-        elif not isinstance(aligner, ProxyAligner):
-            raise TypeError(f"aligner must be a proxyalign.ProxyAligner, got {type(aligner).__name__}")
-        self._aligner = aligner
-        own_fields = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop"}
-        own_fields |= {"criterion", "criterion_params", "criterion_on"}
-        unknown = set(self.engine_kwargs) - (adapters.engine_parameters(aligner) - own_fields)
-        if unknown:
-            raise ValueError(f"engine_kwargs {sorted(unknown)} are not ProxyAligner.generate options")
-        settings = {k: v for k, v in self._instance_settings().items() if v is not None}
-        aligner.check_options(**settings)  # every setting now, not at the first call
+        self._aligner, criterion = adapters.adapter_aligner(
+            aligner, self.base, self.aligned, self.small_base, self.criterion, self.load_kwargs
+        )
+        if aligner is None:  # loaded from ids: report the criterion the pair was loaded with
+            self.criterion = criterion
+        settings = self._instance_settings()  # every setting checked now, not at the first call
+        adapters.check_settings(self._aligner, settings, self.engine_kwargs, list_accepted=False)
 
     @classmethod
     def class_name(cls) -> str:
@@ -147,22 +136,11 @@ class ProxyAlign(CustomLLM):
 
     def get_token_ids(self, text: str) -> list[int]:
         """Our tokenizer, e.g. ``Settings.tokenizer = llm.get_token_ids`` for exact chunk sizes."""
-        return list(self._aligner.tokenizer.encode(text, add_special_tokens=False))
+        return adapters.token_ids(self._aligner, text)
 
     # -- settings ----------------------------------------------------------------------------------
     def _instance_settings(self) -> dict[str, Any]:
-        return {
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "stop": self.stop,
-            "criterion_on": self.criterion_on,
-            **self.engine_kwargs,
-            "criterion": self.criterion,
-            "criterion_params": self.criterion_params,
-        }
+        return adapters.instance_settings(self)
 
     def _settings(self) -> dict[str, Any]:
         return adapters.effective_settings(self._aligner, self._instance_settings())
@@ -180,8 +158,7 @@ class ProxyAlign(CustomLLM):
         """``raw``: usage where LlamaIndex's token counter looks, plus provenance and statistics."""
         return {
             "usage": adapters.usage([generation]),
-            **adapters.summary(generation, adapters.model_name(self._aligner), call.criterion),
-            **adapters.provenance(generation.token_ids, generation.sources),
+            **adapters.completion_info(generation, adapters.model_name(self._aligner), call.criterion),
         }
 
     def _completion(self, generation: Generation, call: adapters.EngineCall) -> CompletionResponse:
