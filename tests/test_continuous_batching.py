@@ -20,6 +20,7 @@ import torch
 import proxyalign
 from proxyalign import Criterion, CriterionError, InvalidParameterError, TargetCriterion
 from proxyalign.engine.core import Channel
+from proxyalign.engine.runner import ModelRunner, keeps_a_hole, left_pad
 from proxyalign.engine.scheduler import SchedulerConfig
 from proxyalign.testing import tiny_model, tiny_tokenizer
 from proxyalign.testing.lanes import manual_engine
@@ -516,3 +517,32 @@ def test_implicit_reward_uses_exact_log_probabilities_where_q_underflows():
     expected = torch.softmax(logs["base"] + logs["aligned"] - logs["small_base"], -1)
     gens = pa.generate([PROMPT] * N, max_new_tokens=1, seed=5, criterion="implicit_reward")
     assert_matches(torch.tensor([g.token_ids[0] for g in gens]), expected, "implicit_reward, q underflowing")
+
+
+def test_cpu_batches_keep_one_masked_column_only_with_several_rows(pa):
+    """On CPU a batch of several rows keeps one masked column (transformers would drop an all-ones mask
+    and SDPA is slow without one), a single row keeps none (the unmasked path is faster there); joining
+    and leaving move between the two, and the logits stay those of each row alone."""
+    model = pa.models["base"]
+    tokens = [5, 6, 7, 8]
+
+    def alone_logits(ids):
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0, -1]
+
+    def prefilled(rows):
+        ids, mask = left_pad([tokens] * rows, 2, "cpu", lead=int(keeps_a_hole("cpu", rows)))
+        runner = ModelRunner(model, ids, mask)
+        runner.feed(len(tokens) - 1)
+        return runner
+
+    single = prefilled(1)
+    assert bool(single.attention_mask.all()), "one row: no hole"
+    single.join(prefilled(1), pad_id=2)  # equal widths, no holes: the join adds one
+    assert single.rows == 2 and not bool(single.attention_mask[:, 0].any())
+    assert torch.allclose(single.next_logits(), alone_logits(tokens).expand(2, -1), atol=1e-5)
+    single.push(torch.tensor([9, 10]))
+    single.retain(torch.tensor([1]))  # back to one row: the hole goes
+    assert single.rows == 1 and bool(single.attention_mask.all())
+    assert torch.allclose(single.next_logits()[0], alone_logits([*tokens, 10]), atol=1e-5)
+    assert not keeps_a_hole("cuda", 8) and keeps_a_hole("cpu", 2)

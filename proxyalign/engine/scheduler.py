@@ -76,7 +76,8 @@ class PrefillJob:
             model = models[role]
             device = model.get_input_embeddings().weight.device
             prompts = [t.request.prompt_ids[role] for t in self.tickets]
-            ids, mask = left_pad([p[:-1] for p in prompts], pad_id, device, lead=int(keeps_a_hole(device)))
+            lead = int(keeps_a_hole(device, len(prompts)))
+            ids, mask = left_pad([p[:-1] for p in prompts], pad_id, device, lead=lead)
             self.runners[role] = ModelRunner(model, ids, mask)
             self._last[role] = torch.tensor([p[-1] for p in prompts], dtype=torch.long)
 
