@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from proxyalign.engine.lanes import Lane, LaneRow, TokenLane
+from proxyalign.engine.memory import release_free_memory
 from proxyalign.engine.output import RowOutput
 from proxyalign.engine.request import LaneKey, Request
 from proxyalign.engine.results import GenerationChunk, Source
@@ -208,11 +209,12 @@ class Engine:
                     with self._lock:
                         if not self._has_work():
                             self._thread = None
-                            return
+                            break
                     try:
                         self.step()
                     except Exception as exc:  # a bug of ours: fail every request, keep the engine usable
                         self._fail_all(exc)
+            release_free_memory()  # idle: give the caches' freed memory back (see engine.memory)
         finally:
             with self._lock:
                 if self._thread is threading.current_thread():
