@@ -23,33 +23,17 @@ prefill (measured alone) plus two decoding steps of the busy batch. Then the ste
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import threading
 import time
 from dataclasses import dataclass
 
-import torch
+from host import describe_host
 
 from proxyalign.aligner import ProxyAligner
 from proxyalign.engine.request import derive_seed
 
 CRITERION = "confidence_bet"
-
-
-def cpu_description() -> str:
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in {"avx2", "fma"})
-    return f"{model}; {torch.get_num_threads()} torch threads; flags: {' '.join(wanted) or 'n/a'}"
 
 
 @dataclass
@@ -271,7 +255,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny:
         args.gap = min(args.gap, 0.02)
-    print(f"CPU: {cpu_description()}; torch {torch.__version__}", flush=True)
+    print(f"host: {describe_host()}", flush=True)
     aligner, questions = load(args)
     rng = random.Random(args.seed)
     n = args.requests

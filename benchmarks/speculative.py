@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from host import describe_host
 
 from proxyalign.aligner import ProxyAligner
 from proxyalign.engine.runner import ModelRunner, left_pad
@@ -286,16 +285,6 @@ def tiny_sss(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -310,7 +299,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.tiny_sss:
-        print(f"# {machine()}")
+        print(f"# {describe_host()}")
         print("\n".join(tiny_sss(args)))
         return
     dirs = real_pair_dirs("bfloat16")
@@ -318,7 +307,7 @@ def main() -> None:
         raise SystemExit("the real pair is not fetched yet: run `proxyalign models fetch qwen2.5-coder-pair`")
     start = time.perf_counter()
     aligner = load(dirs)
-    print(f"# {machine()}; loaded in {time.perf_counter() - start:.1f}s", flush=True)
+    print(f"# {describe_host()}; loaded in {time.perf_counter() - start:.1f}s", flush=True)
     lines = profile(args, aligner) if args.profile else run(args, aligner)
     print("\n".join(lines))
 
