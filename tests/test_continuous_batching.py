@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import platform
 import threading
 import time
 
@@ -20,6 +21,7 @@ import torch
 import proxyalign
 from proxyalign import Criterion, CriterionError, InvalidParameterError, TargetCriterion
 from proxyalign.engine.core import Channel
+from proxyalign.engine.memory import release_free_memory
 from proxyalign.engine.runner import ModelRunner, keeps_a_hole, left_pad
 from proxyalign.engine.scheduler import SchedulerConfig
 from proxyalign.testing import tiny_model, tiny_tokenizer
@@ -546,3 +548,9 @@ def test_cpu_batches_keep_one_masked_column_only_with_several_rows(pa):
     assert single.rows == 1 and bool(single.attention_mask.all())
     assert torch.allclose(single.next_logits()[0], alone_logits([*tokens, 10]), atol=1e-5)
     assert not keeps_a_hole("cuda", 8) and keeps_a_hole("cpu", 2)
+
+
+def test_going_idle_gives_freed_memory_back_where_the_c_library_can():
+    """glibc keeps freed cache blocks in its heaps (a server would sit at its largest batch's memory);
+    the engine trims them when idle. Elsewhere the call is a no-op that says so."""
+    assert release_free_memory() is (platform.libc_ver()[0] == "glibc")
