@@ -316,6 +316,12 @@ class ProxyAligner:
         """:meth:`stream_batch` for asyncio."""
         return self._astream(self.requests(self._as_batch(prompts), **options))
 
+    def astream_requests(self, requests: Sequence[Request]) -> AsyncIterator[GenerationChunk]:
+        """Stream requests already built by :meth:`requests` (validated and tokenized), e.g. by a server
+        that inspected them first (prompt lengths, cache needs) and should not tokenize twice. Chunks
+        carry each request's ``index``; closing or cancelling the iteration aborts them."""
+        return self._astream(list(requests))
+
     def as_completed(
         self, calls: Iterable[tuple[Prompt, Mapping[str, Any]]], *, in_flight: int = 8
     ) -> Iterator[tuple[int, Generation]]:

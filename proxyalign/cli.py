@@ -13,34 +13,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from proxyalign.cli_args import add_model_args, parse_params
 from proxyalign.display import SOURCE_STYLES, stats_line
 from proxyalign.engine.results import Source
 from proxyalign.errors import ProxyAlignError
 from proxyalign.settings import DEFAULT_CRITERION
 
 __all__ = ["main"]
-
-
-def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
-    params: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ProxyAlignError(f"--param expects NAME=VALUE, got {pair!r}")
-        params[key.strip()] = value.strip()
-    return params
-
-
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("models")
-    group.add_argument("--base", required=True, help="large base model p: hub id, directory, .gguf or asset")
-    group.add_argument("--aligned", required=True, help="small aligned model q*")
-    group.add_argument("--small-base", help="small base model q (needed by implicit_reward)")
-    group.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
-    group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
-    group.add_argument("--base-format", default="auto", choices=("auto", "plain", "chat"))
-    group.add_argument("--aligned-format", default="auto", choices=("auto", "plain", "chat"))
-    group.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
 
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="decode prompts with the hybrid")
-    _add_model_args(gen)
+    add_model_args(gen)
     _add_generation_args(gen)
     gen.add_argument("prompts", nargs="+", help="prompt text ('-' reads one prompt from stdin)")
     gen.add_argument("--json", action="store_true", help="machine-readable output (ids, sources, stats)")
@@ -96,6 +75,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "eval", help="benchmark accuracy of p alone, q* alone and hybrids (GSM8K, MATH-500, ARC, CSQA, SVAMP)"
     )
     add_eval_arguments(evaluation)
+
+    from proxyalign.server.cli import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="serve the hybrid behind an OpenAI-compatible HTTP API"))
 
     models = sub.add_parser("models", help="offline model assets (no hub needed)")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -166,10 +149,10 @@ def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
         "gamma": int(args.gamma) if args.gamma.isdigit() else args.gamma,
     }
     if args.criterion is not None:  # named on the command line: an sss mode must not replace it
-        options.update(criterion=args.criterion, criterion_params=_parse_params(args.param))
+        options.update(criterion=args.criterion, criterion_params=parse_params(args.param))
     # Everything that can be wrong with the command is checked before a minute of loading weights.
     check_options(options)
-    criterion = get_criterion(args.criterion or default, **_parse_params(args.param))
+    criterion = get_criterion(args.criterion or default, **parse_params(args.param))
     prompts = _read_prompts(args.prompts)
     for index, prompt in enumerate(prompts):
         if not check_text(prompt, f"prompt {index}").strip():
@@ -271,7 +254,7 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
         shots=args.shots,
         max_new_tokens=args.max_new_tokens,
         criterion=args.criterion,
-        criterion_params=tuple(_parse_params(args.param).items()),
+        criterion_params=tuple(parse_params(args.param).items()),
         temperature=args.temperature,
         seed=args.seed,
         dtype=args.dtype,
@@ -286,12 +269,19 @@ def _cmd_eval(args: argparse.Namespace, console: Console) -> int:
     return run_eval_command(args, console)
 
 
+def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
+    from proxyalign.server.cli import run_serve
+
+    return run_serve(args, console)
+
+
 COMMANDS = {
     "generate": _cmd_generate,
     "criteria": _cmd_criteria,
     "models": _cmd_models,
     "demo": _cmd_demo,
     "eval": _cmd_eval,
+    "serve": _cmd_serve,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from proxyalign.cli_args import parse_params
 from proxyalign.errors import ProxyAlignError
 from proxyalign.eval.config import EvalConfig, parse_datasets
 from proxyalign.eval.data import DATASETS
@@ -99,12 +100,7 @@ def _methods(args: argparse.Namespace) -> list[str]:
     methods = [m for m in (args.methods or [])]
     if args.criterion or not methods:
         name = args.criterion or "confidence_bet"
-        params = []
-        for pair in args.param:
-            key, sep, value = pair.partition("=")
-            if not sep or not key.strip():
-                raise ProxyAlignError(f"--param expects NAME=VALUE, got {pair!r}")
-            params.append(f"{key.strip()}={value.strip()}")
+        params = [f"{key}={value}" for key, value in parse_params(args.param).items()]
         hybrid = f"{name}[{','.join(params)}]" if params else name
         methods = methods or ["base", "aligned"]
         methods.append(hybrid)

@@ -1,0 +1,35 @@
+"""Command-line pieces the ``proxyalign`` subcommands share (``generate``, ``serve``; ``eval`` parses
+``--param`` here too): the model options and ``--param NAME=VALUE`` parsing, spelled once."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from proxyalign.errors import InvalidParameterError
+
+__all__ = ["add_model_args", "parse_params"]
+
+
+def parse_params(pairs: Sequence[str]) -> dict[str, str]:
+    """``["margin=0.2", ...]`` -> ``{"margin": "0.2"}``; the criterion converts and checks the values."""
+    params: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidParameterError(f"--param expects NAME=VALUE, got {pair!r}")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--base``, ``--aligned``, ``--small-base``, dtype, device, prompt formats, remote code."""
+    group = parser.add_argument_group("models")
+    group.add_argument("--base", required=True, help="large base model p: hub id, directory, .gguf or asset")
+    group.add_argument("--aligned", required=True, help="small aligned model q*")
+    group.add_argument("--small-base", help="small base model q (needed by implicit_reward)")
+    group.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
+    group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
+    group.add_argument("--base-format", default="auto", choices=("auto", "plain", "chat"))
+    group.add_argument("--aligned-format", default="auto", choices=("auto", "plain", "chat"))
+    group.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")

@@ -1,0 +1,277 @@
+"""``proxyalign serve``: its options, their checks (all before any weights load) and the server's run.
+
+FastAPI and uvicorn are imported only when the command runs, so the rest of the ``proxyalign`` command
+works without the ``serve`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+from typing import Any
+
+from pydantic import ValidationError
+
+from proxyalign.cli_args import add_model_args, parse_params
+from proxyalign.errors import InvalidParameterError, ProxyAlignError
+from proxyalign.server.config import ServerConfig
+
+__all__ = ["add_serve_arguments", "build_server", "config_from_args", "run_serve", "serve"]
+
+logger = logging.getLogger("proxyalign.server")
+
+#: Where the API key may come from instead of the command line (which other users can see in `ps`).
+API_KEY_ENV = "PROXYALIGN_API_KEY"
+
+EPILOG = f"""\
+example:
+  proxyalign serve --base qwen2.5-coder-1.5b-instruct --aligned qwen2.5-coder-0.5b-instruct \\
+      --criterion confidence_bet --param margin=0.2 --dtype bfloat16 --port 8000 --api-key KEY
+  then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY"); see docs/serving.md
+
+The API key may also come from ${API_KEY_ENV}. Binding a non-loopback --host needs an API key (or
+--allow-insecure, for a trusted network only).
+"""
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``proxyalign serve``."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    defaults = ServerConfig()
+    add_model_args(parser)
+
+    decoding = parser.add_argument_group("decoding (defaults; each request may override them)")
+    decoding.add_argument("--criterion", default=None, help="name or package:name (default: confidence_bet)")
+    decoding.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="criterion parameter (repeatable)"
+    )
+    decoding.add_argument("--max-rows", type=int, default=64, help="rows decoding at once (default 64)")
+    decoding.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens per step")
+    decoding.add_argument("--max-cached-tokens", type=int, default=131_072, help="cache positions per model")
+
+    server = parser.add_argument_group("server")
+    server.add_argument(
+        "--host", default=defaults.host, help="address to bind (default 127.0.0.1: this machine)"
+    )
+    server.add_argument("--port", type=int, default=defaults.port)
+    server.add_argument(
+        "--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (or ${API_KEY_ENV})"
+    )
+    server.add_argument(
+        "--allow-insecure", action="store_true", help="allow a non-loopback --host without an API key"
+    )
+    server.add_argument("--served-model-name", default=defaults.model_name, help="the model id clients send")
+    server.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    server.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
+    server.add_argument(
+        "--max-tokens", type=int, default=defaults.max_tokens, help="largest max_tokens allowed"
+    )
+    server.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=defaults.default_max_tokens,
+        help="when a request names none",
+    )
+    server.add_argument("--max-n", type=int, default=defaults.max_n)
+    server.add_argument(
+        "--max-waiting",
+        type=int,
+        default=defaults.max_waiting,
+        help="rows that may queue behind a full batch; beyond that, 429 with Retry-After",
+    )
+    server.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=defaults.drain_s,
+        help="on SIGTERM, how long running requests may finish (default 30)",
+    )
+    server.add_argument(
+        "--ignore-unsupported",
+        action="store_true",
+        help="ignore OpenAI parameters the hybrid cannot honour (logprobs, penalties ...) instead of 400",
+    )
+    server.add_argument(
+        "--stream-provenance",
+        action="store_true",
+        help="send per-token sources in streamed chunks by default",
+    )
+    server.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The server's configuration, checked (including the rule on non-loopback hosts)."""
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    try:
+        config = ServerConfig(
+            host=args.host,
+            port=args.port,
+            api_key=api_key,
+            model_name=args.served_model_name,
+            max_body_bytes=args.max_body_bytes,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens=args.max_tokens,
+            default_max_tokens=args.default_max_tokens,
+            max_n=args.max_n,
+            max_waiting=args.max_waiting,
+            drain_s=args.drain_seconds,
+            ignore_unsupported=args.ignore_unsupported,
+            stream_provenance=args.stream_provenance,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: "
+            + str(e["msg"]).removeprefix("Value error, ")
+            for e in exc.errors()
+        )
+        raise InvalidParameterError(problems) from None
+    if api_key is not None and not api_key.strip():
+        raise InvalidParameterError("--api-key is empty")
+    if not config.loopback and config.api_key is None:
+        if not args.allow_insecure:
+            raise InvalidParameterError(
+                f"--host {config.host} lets other machines reach the server, but no --api-key (or "
+                f"${API_KEY_ENV}) is set: anyone could use it. Set a key, or pass --allow-insecure on a "
+                "trusted network"
+            )
+        logger.warning("serving on %s with no API key: anyone who can reach it can use it", config.host)
+    return config
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the models load, so a taken port fails in a second."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InvalidParameterError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _import_server_stack() -> Any:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise ProxyAlignError(
+            f"`proxyalign serve` needs the serve extra ({exc.name} is missing): "
+            "pip install 'proxyalign[serve]'"
+        ) from None
+    return uvicorn
+
+
+def run_serve(args: argparse.Namespace, console: Any = None) -> int:
+    """Check everything, load the models, serve until SIGTERM/SIGINT (then drain), close the aligner."""
+    from proxyalign.aligner import ProxyAligner
+    from proxyalign.engine.scheduler import SchedulerConfig
+    from proxyalign.models import check_model_spec
+    from proxyalign.plugins import get_criterion
+    from proxyalign.settings import DEFAULT_CRITERION
+
+    _import_server_stack()
+    config = config_from_args(args)
+    scheduler = SchedulerConfig(
+        max_rows=args.max_rows,
+        max_prefill_tokens=args.max_prefill_tokens,
+        max_cached_tokens=args.max_cached_tokens,
+    )
+    params = parse_params(args.param)
+    criterion = args.criterion or DEFAULT_CRITERION
+    chosen = get_criterion(criterion, **params)
+    if chosen.needs_small_base and not args.small_base:
+        raise InvalidParameterError(
+            f"criterion {chosen.name!r} needs the small base model q: pass --small-base"
+        )
+    models = {"base": args.base, "aligned": args.aligned}
+    if args.small_base:
+        models["small_base"] = args.small_base
+    for role, spec in models.items():
+        check_model_spec(spec, role=role, dtype=args.dtype, device=args.device)
+    sock = _bind(config.host, config.port)
+    try:
+        logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+        logger.info("loading %s (p) and %s (q*)", args.base, args.aligned)
+        aligner = ProxyAligner.from_pretrained(
+            base=args.base,
+            aligned=args.aligned,
+            small_base=args.small_base,
+            criterion=chosen,
+            dtype=args.dtype,
+            device=args.device,
+            trust_remote_code=args.trust_remote_code,
+            prompt_formats={
+                "base": args.base_format,
+                "aligned": args.aligned_format,
+                "small_base": args.base_format,
+            },
+            scheduler=scheduler,
+        )
+        try:
+            serve(aligner, config, sock=sock, log_level=args.log_level)
+        finally:
+            aligner.close()
+    finally:
+        sock.close()
+    return 0
+
+
+def build_server(aligner: Any, config: ServerConfig, *, log_level: str = "info") -> Any:
+    """A uvicorn server over ``aligner``'s app. SIGTERM or Ctrl-C drains: ``/health`` and new requests
+    answer 503 at once (the listening socket closes), running requests have ``config.drain_s`` to finish
+    (then they are cancelled, which aborts their rows); a second Ctrl-C quits at once."""
+    from proxyalign.server.app import create_app
+
+    uvicorn = _import_server_stack()
+    app = create_app(aligner, config)
+    service = app.state.service
+
+    class DrainingServer(uvicorn.Server):  # type: ignore[misc,name-defined]
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            service.draining = True
+            super().handle_exit(sig, frame)
+
+    server_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=config.drain_s,  # seconds; a float works
+        lifespan="on",
+    )
+    return DrainingServer(server_config)
+
+
+def serve(
+    aligner: Any, config: ServerConfig, *, sock: socket.socket | None = None, log_level: str = "info"
+) -> None:
+    """Serve ``aligner`` until a signal (see :func:`build_server`), on ``sock`` if given (already bound)."""
+    server = build_server(aligner, config, log_level=log_level)
+    port = sock.getsockname()[1] if sock is not None else config.port
+    key = " (API key required)" if config.api_key else ""
+    logger.info("serving %r at http://%s:%s/v1%s", config.model_name, config.host, port, key)
+    sockets = [sock] if sock is not None else None
+    if threading.current_thread() is not threading.main_thread():
+        server.run(sockets=sockets)
+        return
+    # uvicorn re-raises the signal that stopped it once it has drained; by then SIGTERM has done its job,
+    # so it must not kill the process before the aligner is closed and the exit status is 0.
+    previous = signal.signal(signal.SIGTERM, _already_handled)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _already_handled(sig: int, frame: Any) -> None:
+    logger.info("drained; stopping")
