@@ -17,6 +17,7 @@ from proxyalign.errors import (
     ModelLoadError,
     ProxyAlignError,
     TokenizerMismatchError,
+    ToolCallError,
     UnknownCriterionError,
 )
 from proxyalign.hookspecs import hookimpl
@@ -42,6 +43,7 @@ __all__ = [
     "Source",
     "TargetCriterion",
     "TokenizerMismatchError",
+    "ToolCallError",
     "UnknownCriterionError",
     "get_criterion",
     "hookimpl",

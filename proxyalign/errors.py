@@ -10,6 +10,7 @@ __all__ = [
     "ModelLoadError",
     "ProxyAlignError",
     "TokenizerMismatchError",
+    "ToolCallError",
     "UnknownCriterionError",
 ]
 
@@ -47,3 +48,7 @@ class ModelLoadError(ProxyAlignError, OSError):
 
 class EngineClosedError(ProxyAlignError, RuntimeError):
     """The engine was closed (``ProxyAligner.close()``); no request is accepted any more."""
+
+
+class ToolCallError(ProxyAlignError, ValueError):
+    """A model's output holds a malformed tool call (raised only when parsing with ``strict=True``)."""
