@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from proxyalign.cli_args import add_model_args, parse_params
+from proxyalign.cli_args import add_model_args, load_pair, parse_params, prompt_formats
 from proxyalign.display import SOURCE_STYLES, stats_line
 from proxyalign.engine.results import Source
 from proxyalign.errors import ProxyAlignError
@@ -131,7 +131,6 @@ def _read_prompts(raw: Sequence[str]) -> list[str]:
 
 
 def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
-    from proxyalign.aligner import ProxyAligner
     from proxyalign.plugins import get_criterion
     from proxyalign.prompts import check_text
     from proxyalign.settings import SSS_CRITERION, SSS_MODES, check_options
@@ -157,18 +156,8 @@ def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
     for index, prompt in enumerate(prompts):
         if not check_text(prompt, f"prompt {index}").strip():
             raise ProxyAlignError(f"prompt {index} is empty; give some text to continue")
-    formats = {"base": args.base_format, "aligned": args.aligned_format, "small_base": args.base_format}
-    _check_prompts_fit(args, prompts, criterion, formats)
-    aligner = ProxyAligner.from_pretrained(
-        base=args.base,
-        aligned=args.aligned,
-        small_base=args.small_base,
-        criterion=criterion,
-        dtype=args.dtype,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-        prompt_formats=formats,
-    )
+    _check_prompts_fit(args, prompts, criterion, prompt_formats(args))
+    aligner = load_pair(args, criterion)
     if args.json:
         generations = aligner.generate(prompts, **options)
         rows = [{"prompt": prompt, **g.as_dict()} for prompt, g in zip(prompts, generations, strict=True)]

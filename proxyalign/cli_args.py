@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
 from proxyalign.errors import InvalidParameterError
 
-__all__ = ["add_model_args", "parse_params"]
+__all__ = ["add_model_args", "load_pair", "parse_params", "prompt_formats"]
 
 
 def parse_params(pairs: Sequence[str]) -> dict[str, str]:
@@ -33,3 +34,26 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--base-format", default="auto", choices=("auto", "plain", "chat"))
     group.add_argument("--aligned-format", default="auto", choices=("auto", "plain", "chat"))
     group.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+
+
+def prompt_formats(args: argparse.Namespace) -> dict[str, str]:
+    """Each model's prompt format from ``--base-format`` / ``--aligned-format`` (q follows p)."""
+    return {"base": args.base_format, "aligned": args.aligned_format, "small_base": args.base_format}
+
+
+def load_pair(args: argparse.Namespace, criterion: Any, **extra: Any) -> Any:
+    """The :class:`~proxyalign.ProxyAligner` the model options describe (``extra``: e.g. ``scheduler``);
+    the caller has checked everything it can before this minute of loading."""
+    from proxyalign.aligner import ProxyAligner
+
+    return ProxyAligner.from_pretrained(
+        base=args.base,
+        aligned=args.aligned,
+        small_base=args.small_base,
+        criterion=criterion,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        prompt_formats=prompt_formats(args),
+        **extra,
+    )

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from proxyalign.cli_args import add_model_args, parse_params
+from proxyalign.cli_args import add_model_args, load_pair, parse_params
 from proxyalign.errors import InvalidParameterError, ProxyAlignError
 from proxyalign.server.config import ServerConfig
 
@@ -173,7 +173,6 @@ def _import_server_stack() -> Any:
 
 def run_serve(args: argparse.Namespace, console: Any = None) -> int:
     """Check everything, load the models, serve until SIGTERM/SIGINT (then drain), close the aligner."""
-    from proxyalign.aligner import ProxyAligner
     from proxyalign.engine.scheduler import SchedulerConfig
     from proxyalign.models import check_model_spec
     from proxyalign.plugins import get_criterion
@@ -202,21 +201,7 @@ def run_serve(args: argparse.Namespace, console: Any = None) -> int:
     try:
         logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
         logger.info("loading %s (p) and %s (q*)", args.base, args.aligned)
-        aligner = ProxyAligner.from_pretrained(
-            base=args.base,
-            aligned=args.aligned,
-            small_base=args.small_base,
-            criterion=chosen,
-            dtype=args.dtype,
-            device=args.device,
-            trust_remote_code=args.trust_remote_code,
-            prompt_formats={
-                "base": args.base_format,
-                "aligned": args.aligned_format,
-                "small_base": args.base_format,
-            },
-            scheduler=scheduler,
-        )
+        aligner = load_pair(args, chosen, scheduler=scheduler)
         try:
             serve(aligner, config, sock=sock, log_level=args.log_level)
         finally:
