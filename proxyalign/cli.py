@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from proxyalign.cli_args import add_model_args, load_pair, parse_params, prompt_formats
+from proxyalign.cli_args import add_model_args, check_models, load_pair, parse_params, prompt_formats
 from proxyalign.display import SOURCE_STYLES, stats_line
 from proxyalign.engine.results import Source
 from proxyalign.errors import ProxyAlignError
@@ -187,26 +187,21 @@ def _check_prompts_fit(
     """Tokenize the prompts as the aligner will and check them against every model's context window,
     from the models' small files alone: a prompt too long costs seconds, not a minute of loading."""
     from proxyalign.engine.request import roles_for
-    from proxyalign.errors import InvalidParameterError
-    from proxyalign.models import check_model_spec, peek_model
+    from proxyalign.models import load_tokenizer, peek_window
     from proxyalign.prompts import encode_prompts, validate_format
 
-    if criterion.needs_small_base and args.small_base is None:
-        raise InvalidParameterError(
-            f"criterion {criterion.name!r} needs the small base model q: pass --small-base"
-        )
-    specs = {"base": args.base, "aligned": args.aligned, "small_base": args.small_base}
-    roles = roles_for(criterion)
-    for role in roles:
-        check_model_spec(specs[role], role=role, dtype=args.dtype, device=args.device)
-    infos = {
-        role: peek_model(specs[role], role=role, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-        for role in roles
-    }
+    specs = check_models(args, criterion)
     checked = {role: validate_format(role, fmt) for role, fmt in formats.items()}
-    windows = {role: info.window for role, info in infos.items()}
-    # the aligner decodes with q*'s tokenizer (every model shares its vocabulary)
-    encode_prompts(prompts, checked, infos["aligned"].tokenizer, windows, args.max_new_tokens)
+    windows = {
+        role: peek_window(specs[role], role=role, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        for role in roles_for(criterion)
+    }
+    # the aligner decodes with q*'s tokenizer (every model shares its vocabulary); the others' windows
+    # come from their config.json alone
+    tokenizer = load_tokenizer(
+        specs["aligned"], role="aligned", dtype=args.dtype, trust_remote_code=args.trust_remote_code
+    )
+    encode_prompts(prompts, checked, tokenizer, windows, args.max_new_tokens)
 
 
 def _chunk_style(sources: Sequence[Any]) -> str:

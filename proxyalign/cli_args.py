@@ -9,7 +9,7 @@ from typing import Any
 
 from proxyalign.errors import InvalidParameterError
 
-__all__ = ["add_model_args", "load_pair", "parse_params", "prompt_formats"]
+__all__ = ["add_model_args", "check_models", "load_pair", "parse_params", "prompt_formats"]
 
 
 def parse_params(pairs: Sequence[str]) -> dict[str, str]:
@@ -34,6 +34,23 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--base-format", default="auto", choices=("auto", "plain", "chat"))
     group.add_argument("--aligned-format", default="auto", choices=("auto", "plain", "chat"))
     group.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+
+
+def check_models(args: argparse.Namespace, criterion: Any) -> dict[str, str]:
+    """Everything about the model options that can be checked without loading (a criterion that needs
+    q without ``--small-base``, dtype, device, paths); the given models by role."""
+    from proxyalign.models import check_model_spec
+
+    if criterion.needs_small_base and not args.small_base:
+        raise InvalidParameterError(
+            f"criterion {criterion.name!r} needs the small base model q: pass --small-base"
+        )
+    specs = {"base": args.base, "aligned": args.aligned}
+    if args.small_base:
+        specs["small_base"] = args.small_base
+    for role, spec in specs.items():
+        check_model_spec(spec, role=role, dtype=args.dtype, device=args.device)
+    return specs
 
 
 def prompt_formats(args: argparse.Namespace) -> dict[str, str]:

@@ -27,7 +27,8 @@ __all__ = [
     "context_window",
     "eos_token_ids",
     "load_model",
-    "peek_model",
+    "load_tokenizer",
+    "peek_window",
     "real_vocab_size",
     "resolve_device",
     "resolve_dtype",
@@ -172,33 +173,46 @@ def _load_error(role: str, spec: str | os.PathLike[str], exc: Exception) -> Mode
     )
 
 
-@dataclass
-class ModelInfo:
-    """What a model's small files say, read without its weights: its tokenizer and context window."""
+def _small_files(
+    spec: str | os.PathLike[str], role: str, dtype: str | torch.dtype | None, trust_remote_code: bool
+) -> tuple[str, dict[str, Any]]:
+    source, extra = _resolve_source(spec, resolve_dtype(dtype, role))
+    return source, {"trust_remote_code": trust_remote_code, **extra}
 
-    tokenizer: Any
-    window: int | None
 
-
-def peek_model(
+def peek_window(
     spec: str | os.PathLike[str],
     *,
     role: str = "model",
     dtype: str | torch.dtype | None = "auto",
     trust_remote_code: bool = False,
-) -> ModelInfo:
-    """A model's tokenizer and context window without loading its weights (seconds, not a minute), so
-    a command line can check its prompts against the window before it loads anything."""
-    from transformers import AutoConfig, AutoTokenizer
+) -> int | None:
+    """A model's context window from its config alone (no weights), so a command line can check its
+    prompts before a minute of loading."""
+    from transformers import AutoConfig
 
-    source, extra = _resolve_source(spec, resolve_dtype(dtype, role))
-    common: dict[str, Any] = {"trust_remote_code": trust_remote_code, **extra}
+    source, common = _small_files(spec, role, dtype, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        config = AutoConfig.from_pretrained(source, **common)
+        return config_window(AutoConfig.from_pretrained(source, **common))
     except (OSError, ValueError) as exc:
         raise _load_error(role, spec, exc) from exc
-    return ModelInfo(tokenizer=tokenizer, window=config_window(config))
+
+
+def load_tokenizer(
+    spec: str | os.PathLike[str],
+    *,
+    role: str = "model",
+    dtype: str | torch.dtype | None = "auto",
+    trust_remote_code: bool = False,
+) -> Any:
+    """A model's tokenizer without its weights."""
+    from transformers import AutoTokenizer
+
+    source, common = _small_files(spec, role, dtype, trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(source, **common)
+    except (OSError, ValueError) as exc:
+        raise _load_error(role, spec, exc) from exc
 
 
 def _describe_difference(name_a: str, vocab_a: dict[str, int], name_b: str, vocab_b: dict[str, int]) -> str:

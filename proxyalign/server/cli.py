@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from proxyalign.cli_args import add_model_args, load_pair, parse_params
+from proxyalign.cli_args import add_model_args, check_models, load_pair, parse_params
 from proxyalign.errors import InvalidParameterError, ProxyAlignError
 from proxyalign.server.config import ServerConfig
 
@@ -174,7 +174,6 @@ def _import_server_stack() -> Any:
 def run_serve(args: argparse.Namespace, console: Any = None) -> int:
     """Check everything, load the models, serve until SIGTERM/SIGINT (then drain), close the aligner."""
     from proxyalign.engine.scheduler import SchedulerConfig
-    from proxyalign.models import check_model_spec
     from proxyalign.plugins import get_criterion
     from proxyalign.settings import DEFAULT_CRITERION
 
@@ -188,15 +187,7 @@ def run_serve(args: argparse.Namespace, console: Any = None) -> int:
     params = parse_params(args.param)
     criterion = args.criterion or DEFAULT_CRITERION
     chosen = get_criterion(criterion, **params)
-    if chosen.needs_small_base and not args.small_base:
-        raise InvalidParameterError(
-            f"criterion {chosen.name!r} needs the small base model q: pass --small-base"
-        )
-    models = {"base": args.base, "aligned": args.aligned}
-    if args.small_base:
-        models["small_base"] = args.small_base
-    for role, spec in models.items():
-        check_model_spec(spec, role=role, dtype=args.dtype, device=args.device)
+    check_models(args, chosen)
     sock = _bind(config.host, config.port)
     try:
         logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")

@@ -19,6 +19,7 @@ from typing import Any
 from proxyalign.engine.results import FinishReason, Generation, GenerationChunk
 from proxyalign.engine.scheduler import reserved_tokens
 from proxyalign.errors import ProxyAlignError
+from proxyalign.prompts import prompt_name
 from proxyalign.server.config import ServerConfig
 from proxyalign.server.errors import APIError, proxyalign_error
 from proxyalign.server.metrics import ServerMetrics
@@ -166,7 +167,7 @@ class GenerationService:
         checked = aligner.requests(plan.rows, **plan.options)
         capacity = aligner.status()["max_cached_tokens"]
         for position, request in enumerate(checked[:: plan.n]):
-            where = "the prompt" if len(plan.prompts) == 1 else f"prompt {position}"
+            where = prompt_name(None if len(plan.prompts) == 1 else position)
             if request.longest_prompt > config.max_prompt_tokens:
                 raise APIError(
                     400,
