@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypedDict, Unpack
 
+from proxyalign.constrained import Grammar, GrammarCompiler
 from proxyalign.criteria.base import Criterion
 from proxyalign.engine.core import Channel, Engine, Ticket
 from proxyalign.engine.gamma import GammaSchedule
-from proxyalign.engine.request import Request, derive_seed, roles_for
+from proxyalign.engine.request import Request, ToolParsing, derive_seed, roles_for
 from proxyalign.engine.results import Generation, GenerationChunk
 from proxyalign.engine.sampling import SamplingConfig
 from proxyalign.engine.scheduler import SchedulerConfig
@@ -34,6 +35,7 @@ from proxyalign.plugins import get_criterion
 from proxyalign.prompts import ROLES, Prompt, encode_prompts, is_messages, validate_format
 from proxyalign.roles import ALIGNED, BASE, SMALL_BASE
 from proxyalign.settings import DEFAULT_CRITERION, MODES, SSS_CRITERION, SSS_MODES, check_options
+from proxyalign.tools import ToolCallParser, parser_for_tokenizer
 
 __all__ = ["MODES", "GenerateOptions", "GenerationConfig", "ProxyAligner"]
 
@@ -54,6 +56,9 @@ class GenerateOptions(TypedDict, total=False):
     criterion_on: str
     mode: str
     gamma: int | str
+    response_format: Any
+    tools: Sequence[Mapping[str, Any]] | None
+    tool_choice: str | Mapping[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,24 @@ class GenerationConfig:
 
 
 _CONFIG_FIELDS = frozenset(GenerationConfig.__dataclass_fields__)
+
+
+def _tool_options(options: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, str]:
+    """A call's tools (normalised) and its tool choice: ``"auto"`` by default, ``"any"`` read as
+    ``"required"``; a choice without tools, or naming a tool not given, is refused."""
+    settings = check_options({k: options[k] for k in ("tools", "tool_choice") if k in options})
+    tools, choice = settings.tools, settings.tool_choice or "auto"
+    choice = "required" if choice == "any" else choice
+    if not tools:
+        if settings.tool_choice not in (None, "auto", "none"):
+            raise InvalidParameterError(f"tool_choice={choice!r} needs tools=[...]")
+        return None, "none"
+    names = [t["function"]["name"] for t in tools]
+    if choice not in ("auto", "none", "required") and choice not in names:
+        raise InvalidParameterError(
+            f"tool_choice names {choice!r}, which is not in tools; tools: {', '.join(names)}"
+        )
+    return tools, choice
 
 
 def _per_role(value: PerRole, role: str, default: Any = None) -> Any:
@@ -140,6 +163,9 @@ class ProxyAligner:
             role: (names or {}).get(role, type(model).__name__) for role, model in self.models.items()
         }
         self.defaults = generation_config or GenerationConfig()
+        #: Reads tool calls in the aligned model's template family (the model that knows tools).
+        self.tool_parser: ToolCallParser = parser_for_tokenizer(per_model_tokenizers[ALIGNED])
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
         self.criterion = get_criterion(criterion, **dict(criterion_params or {}))
         self._check_criterion(self.criterion)
         self.engine = Engine(
@@ -254,7 +280,12 @@ class ProxyAligner:
 
         ``options`` override the instance defaults for this call: ``max_new_tokens``, ``temperature``
         (0 = greedy), ``top_k``, ``top_p``, ``seed``, ``stop``, ``criterion``, ``criterion_params``,
-        ``criterion_on``, ``mode`` and ``gamma`` (see :data:`MODES`). Safe to call from many threads at
+        ``criterion_on``, ``mode`` and ``gamma`` (see :data:`MODES`). Per call only:
+        ``response_format`` (OpenAI's shapes, e.g. ``{"type": "json_object"}``, plus ``{"type": "regex",
+        "pattern": ...}``: every model's distribution is restricted to what keeps the output valid),
+        ``tools`` (OpenAI tools, offered through each model's template; calls are parsed into
+        ``Generation.tool_calls``) and ``tool_choice`` (``"auto"``, ``"none"``, ``"required"`` or a
+        tool's name: the last two constrain the output to calls). Safe to call from many threads at
         once: every call's prompts join the engine's one running batch. With a ``seed``, prompt ``i``
         samples from its own generator (:func:`~proxyalign.engine.request.derive_seed`), so its tokens
         do not depend on what else is decoding.
@@ -380,8 +411,13 @@ class ProxyAligner:
         :class:`~proxyalign.InvalidParameterError` naming the parameter.
         """
         config, sampling, chosen = self._checked(options)
+        tools, choice = _tool_options(options)
+        grammar = self._grammar(options.get("response_format"), tools, choice)
+        offered = tools if choice != "none" else None
         roles = list(roles_for(chosen))
-        encoded = self._tokenize(prompts, roles, config.max_new_tokens)
+        encoded = self._tokenize(prompts, roles, config.max_new_tokens, offered)
+        names = frozenset(t["function"]["name"] for t in offered) if offered else None
+        seeds = [None if config.seed is None else derive_seed(config.seed, i) for i in range(len(prompts))]
         return [
             Request(
                 prompt_ids={role: tuple(encoded[role][i]) for role in roles},
@@ -391,11 +427,20 @@ class ProxyAligner:
                 stop=config.stop,
                 mode=config.mode,
                 gamma=config.gamma,
-                seed=None if config.seed is None else derive_seed(config.seed, i),
+                seed=seeds[i],
                 index=i,
+                grammar=grammar,
+                tools=ToolParsing(self.tool_parser, names, seeds[i]) if offered else None,
             )
             for i in range(len(prompts))
         ]
+
+    def _grammar(
+        self, response_format: Any, tools: list[dict[str, Any]] | None, choice: str
+    ) -> Grammar | None:
+        """The call's output grammar, compiled and checked here (the first one builds llguidance's
+        tokenizer, about a second for a 150k vocabulary)."""
+        return self.grammars.output_grammar(response_format, tools, choice, self.tool_parser.call_grammar)
 
     def check_options(self, **options: Unpack[GenerateOptions]) -> None:
         """Validate generation options as a call would, without decoding anything (the adapters check
@@ -477,10 +522,14 @@ class ProxyAligner:
         return config, sampling
 
     def _tokenize(
-        self, batch: Sequence[Prompt], roles: Sequence[str], max_new_tokens: int
+        self,
+        batch: Sequence[Prompt],
+        roles: Sequence[str],
+        max_new_tokens: int,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> dict[str, list[list[int]]]:
         windows = {role: context_window(self.models[role]) for role in roles}
-        return encode_prompts(batch, self.prompt_formats, self.tokenizer, windows, max_new_tokens)
+        return encode_prompts(batch, self.prompt_formats, self.tokenizer, windows, max_new_tokens, tools)
 
     def __repr__(self) -> str:
         models = ", ".join(f"{role}={name!r}" for role, name in self.names.items())

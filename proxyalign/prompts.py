@@ -46,8 +46,8 @@ def validate_format(role: str, fmt: str) -> str:
     return fmt
 
 
-#: Roles a chat message may have.
-CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+#: Roles a chat message may have ("tool": a tool's result, answering an assistant's ``tool_calls``).
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 
 
 def _per_role(item: object) -> bool:
@@ -84,10 +84,14 @@ def check_text(text: str, what: str) -> str:
 
 
 def check_messages(messages: Sequence[Mapping[str, Any]], index: int | None) -> None:
-    """Every message has a known ``role`` and text ``content``."""
+    """Every message has a known ``role`` and text ``content`` (None for an assistant's tool calls)."""
     for number, message in enumerate(messages):
         where = f"{prompt_name(index)}, message {number}"
         missing = [key for key in ("role", "content") if key not in message]
+        if message.get("role") == "assistant" and message.get("tool_calls"):
+            missing = [key for key in missing if key != "content"]
+            if message.get("content") is None:
+                continue
         if missing:
             raise InvalidPromptError(f"{where} has no {' or '.join(repr(k) for k in missing)}")
         if message["role"] not in CHAT_ROLES:
@@ -135,9 +139,19 @@ def plain_transcript(messages: Sequence[Message]) -> str:
 
 
 def render_prompt(
-    prompt: SinglePrompt, fmt: str, tokenizer: Any, index: int | None = None
+    prompt: SinglePrompt,
+    fmt: str,
+    tokenizer: Any,
+    index: int | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[str, bool]:
-    """Text to tokenize and whether the tokenizer should still add its special tokens (BOS)."""
+    """Text to tokenize and whether the tokenizer should still add its special tokens (BOS).
+
+    ``tools`` (normalised OpenAI tools) go through the chat template, or, for a plain prompt, open it
+    as :func:`proxyalign.tools.render.render_tools_text` writes them (see docs/tools.md).
+    """
+    if tools or _has_tool_turns(prompt):
+        return _render_with_tools(prompt, fmt, tokenizer, index, tools)
     if isinstance(prompt, bytes | bytearray):
         raise InvalidPromptError(
             f"{prompt_name(index)} is bytes; decode it to text first (e.g. data.decode('utf-8'))"
@@ -173,9 +187,54 @@ def render_prompt(
     return text, False
 
 
-def tokenize_prompt(prompt: SinglePrompt, fmt: str, tokenizer: Any, index: int | None = None) -> list[int]:
-    """Token ids of one prompt for one model."""
-    text, add_special = render_prompt(prompt, fmt, tokenizer, index)
+def _has_tool_turns(prompt: object) -> bool:
+    return is_messages(prompt) and any(
+        m.get("role") == "tool" or m.get("tool_calls")
+        for m in prompt  # type: ignore[union-attr]
+    )
+
+
+def _render_with_tools(
+    prompt: SinglePrompt,
+    fmt: str,
+    tokenizer: Any,
+    index: int | None,
+    tools: Sequence[Mapping[str, Any]] | None,
+) -> tuple[str, bool]:
+    """A prompt with tools or tool turns: the template renders both; plain text gets
+    :mod:`proxyalign.tools.render`'s transcript (tools text first, calls as blocks, ``Tool:`` turns)."""
+    from proxyalign.tools import render  # tools.render builds on this module's plain transcript
+
+    if isinstance(prompt, str):
+        check_text(prompt, prompt_name(index))
+        if fmt != "chat":
+            return (f"{render.render_tools_text(tools)}\n\n{prompt}" if tools else prompt), True
+        prompt = [{"role": "user", "content": prompt}]
+    try:
+        messages = render.normalize_messages(prompt)
+    except InvalidPromptError as exc:
+        raise InvalidPromptError(f"{prompt_name(index)}: {exc}") from None
+    if fmt == "plain":
+        return render.plain_transcript(messages, tools), True
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InvalidParameterError(
+            f"{prompt_name(index)} is a chat, but the tokenizer has no chat template; pass plain text"
+        )
+    final = messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
+    options = {"continue_final_message": True} if final else {"add_generation_prompt": True}
+    text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, **options)
+    return text, False
+
+
+def tokenize_prompt(
+    prompt: SinglePrompt,
+    fmt: str,
+    tokenizer: Any,
+    index: int | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> list[int]:
+    """Token ids of one prompt for one model (``tools``: normalised OpenAI tools to offer it)."""
+    text, add_special = render_prompt(prompt, fmt, tokenizer, index, tools)
     ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
     if not ids:
         raise InvalidParameterError(f"{prompt_name(index)} tokenizes to no tokens")
@@ -188,9 +247,11 @@ def encode_prompts(
     tokenizer: Any,
     windows: Mapping[str, int | None],
     max_new_tokens: int,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, list[list[int]]]:
     """Each model's token ids for every prompt of a batch (``{role: [ids per prompt]}``, for the roles in
     ``windows``), refusing a prompt that leaves no room for ``max_new_tokens`` in a model's window.
+    ``tools`` (normalised OpenAI tools) are offered to every model in its own format.
 
     Needs only the tokenizer and the windows, so the command line runs it before loading any weights.
     """
@@ -199,7 +260,8 @@ def encode_prompts(
         rows = []
         for position, prompt in enumerate(batch):
             index = position if len(batch) > 1 else None  # one prompt alone is "the prompt"
-            ids = tokenize_prompt(prompt_for_role(prompt, role, index), formats[role], tokenizer, index)
+            own = prompt_for_role(prompt, role, index)
+            ids = tokenize_prompt(own, formats[role], tokenizer, index, tools)
             if window is not None and len(ids) + max_new_tokens > window:
                 raise InvalidParameterError(
                     f"{prompt_name(index)} has {len(ids)} tokens for the {role} model; with "

@@ -26,6 +26,7 @@ __all__ = [
     "SEED_LIMIT",
     "SSS_CRITERION",
     "SSS_MODES",
+    "TOOL_CHOICES",
     "GenerationSettings",
     "check_options",
 ]
@@ -40,6 +41,8 @@ MODES: tuple[str, ...] = ("token", "speculative", "sss", "sss_literal")
 SSS_MODES: tuple[str, ...] = ("sss", "sss_literal")
 #: The criterion whose target the SSS modes sample (a call in an SSS mode that names none gets it).
 SSS_CRITERION = "implicit_reward"
+#: ``tool_choice`` values besides a tool's name ("any" is LangChain's word for "required").
+TOOL_CHOICES: tuple[str, ...] = ("auto", "none", "required", "any")
 #: Seeds are integers in ``[0, SEED_LIMIT)`` (what ``torch.Generator.manual_seed`` takes as a signed 64-bit).
 SEED_LIMIT = 2**63
 
@@ -74,6 +77,10 @@ class GenerationSettings(BaseModel):
     criterion_on: Literal["scaled", "raw"] | None = None
     mode: str | None = None
     gamma: int | Literal["adaptive"] | None = None
+    #: Per call only (no instance default): checked in depth by proxyalign.constrained and the aligner.
+    response_format: Any = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     @field_validator("max_new_tokens", mode="before")
     @classmethod
@@ -169,9 +176,36 @@ class GenerationSettings(BaseModel):
             return int(value)
         raise ValueError(f"gamma must be an integer in [{low}, {high}] or 'adaptive', got {value!r}")
 
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tools(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        from proxyalign.tools.render import normalize_tools
+
+        try:
+            return normalize_tools(value)
+        except InvalidParameterError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, value: Any) -> Any:
+        if value is None or value in TOOL_CHOICES:
+            return value
+        name = value.get("function", value).get("name") if isinstance(value, Mapping) else None
+        if isinstance(value, str) and value:
+            name = value
+        if isinstance(name, str) and name:
+            return name
+        raise ValueError(
+            f"tool_choice must be one of {', '.join(TOOL_CHOICES)}, a tool's name, or "
+            f'{{"type": "function", "function": {{"name": ...}}}}; got {value!r}'
+        )
+
     def given(self) -> dict[str, Any]:
         """The options that were set (not None), as engine arguments."""
-        return {k: v for k, v in self.model_dump().items() if v is not None}
+        return {k: getattr(self, k) for k in type(self).model_fields if getattr(self, k) is not None}
 
 
 def _message(error: ValidationError) -> str:

@@ -37,6 +37,8 @@ class RowOutput:
         self.token_ids: list[int] = []
         self.sources: list[Source] = []
         self.finish_reason: FinishReason | None = None
+        tools = request.tools
+        self.tool_stream = tools.parser.stream(tools=tools.names, seed=tools.seed) if tools else None
 
     def advance(self, step: RowStep, elapsed: float) -> GenerationChunk:
         """Append one step's tokens (``elapsed``: seconds since submission); the chunk of new text."""
@@ -69,13 +71,26 @@ class RowOutput:
                 chunk.text += self.text.finish()
                 break
         chunk.finish_reason = self.finish_reason
+        self._split_tool_calls(chunk)
         return chunk
+
+    def _split_tool_calls(self, chunk: GenerationChunk) -> None:
+        """Set the chunk's ``content`` and ``tool_calls`` (with tools: what the stream parser releases)."""
+        if self.tool_stream is None:
+            chunk.content = chunk.text
+            return
+        parts = [self.tool_stream.feed(chunk.text) if chunk.text else None]
+        if self.finish_reason is not None:
+            parts.append(self.tool_stream.finish())
+        chunk.content = "".join(part.content for part in parts if part)
+        chunk.tool_calls = [call for part in parts if part for call in part.tool_calls]
 
     def generation(self, elapsed: float, forwards: tuple[int, int]) -> Generation:
         """The finished :class:`Generation`; ``forwards``: (p, q*) passes this row took part in."""
         self.stats.elapsed_s = elapsed
         self.stats.base_forwards, self.stats.aligned_forwards = forwards
         assert self.finish_reason is not None
+        parsed = self.tool_stream.output if self.tool_stream is not None else None
         return Generation(
             text=self.text.text,
             token_ids=self.token_ids,
@@ -83,6 +98,9 @@ class RowOutput:
             finish_reason=self.finish_reason,
             stop_sequence=self.text.stop_sequence,
             stats=self.stats,
+            content=parsed.content if parsed is not None else None,
+            tool_calls=list(parsed.tool_calls) if parsed is not None else [],
+            tool_call_errors=list(parsed.errors) if parsed is not None else [],
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -17,7 +17,11 @@ from proxyalign.criteria.base import Criterion, CriterionKind
 from proxyalign.engine.sampling import SamplingConfig
 from proxyalign.roles import ALIGNED, BASE, SMALL_BASE
 
-__all__ = ["LaneKey", "Request", "derive_seed", "lane_key", "roles_for"]
+if TYPE_CHECKING:
+    from proxyalign.constrained import Grammar
+    from proxyalign.tools import ToolCallParser
+
+__all__ = ["LaneKey", "Request", "ToolParsing", "derive_seed", "lane_key", "roles_for"]
 
 #: How a lane decodes: token by token, exact speculative, or the SSS paper's literal rule.
 LaneKind = Literal["token", "speculative", "sss_literal"]
@@ -59,6 +63,16 @@ def derive_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
+@dataclass(frozen=True)
+class ToolParsing:
+    """How to read tool calls out of a request's output: the format's parser, the tool names it may
+    call (others stay text), and the seed of its call ids (None: random ids)."""
+
+    parser: ToolCallParser
+    names: frozenset[str] | None = None
+    seed: int | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class Request:
     """One row to decode: per-model prompt ids and every setting of its own."""
@@ -72,6 +86,8 @@ class Request:
     gamma: int | str = 4
     seed: int | None = None
     index: int = 0  #: the caller's index of this prompt, echoed in its chunks
+    grammar: Grammar | None = None  #: every token must keep the output inside this grammar
+    tools: ToolParsing | None = None  #: parse tool calls out of the output
     key: LaneKey = field(init=False)
 
     def __post_init__(self) -> None:

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from proxyalign.tools.types import ToolCall, ToolCallDelta, ToolCallIssue
+
 __all__ = ["FinishReason", "Generation", "GenerationChunk", "GenerationStats", "Source"]
 
 
@@ -100,6 +102,10 @@ class Generation:
     ``token_ids`` and ``sources`` run in step: ``sources[i]`` says which model produced
     ``token_ids[i]``. They include an EOS token and the tokens of a stop string when those ended the
     generation; ``text`` excludes both.
+
+    With ``tools``, ``tool_calls`` holds the calls parsed from ``text`` and ``content`` the text outside
+    them (``tool_call_errors``: blocks that looked like calls but were malformed; their text stays in
+    ``content``). Without tools ``content`` is ``text``.
     """
 
     text: str
@@ -108,10 +114,20 @@ class Generation:
     finish_reason: FinishReason
     stop_sequence: str | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
+    content: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_errors: list[ToolCallIssue] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.content is None:
+            self.content = self.text
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "text": self.text,
+            "content": self.content,
+            "tool_calls": [call.to_openai() for call in self.tool_calls],
+            "tool_call_errors": [issue.message for issue in self.tool_call_errors],
             "token_ids": self.token_ids,
             "sources": [str(s) for s in self.sources],
             "finish_reason": str(self.finish_reason),
@@ -127,6 +143,10 @@ class GenerationChunk:
     ``text`` is the new text since the previous chunk (text that might begin a stop string is held
     back until it is known not to); ``token_ids``/``sources`` are the tokens decoded in this step.
     The last chunk of a row has ``finish_reason`` and the whole ``generation`` set.
+
+    With ``tools``, ``content`` is the new text outside tool calls (text that may begin a call is held
+    back) and ``tool_calls`` the calls' pieces in OpenAI's streaming shape; without tools ``content``
+    is ``text``.
     """
 
     index: int
@@ -135,3 +155,5 @@ class GenerationChunk:
     sources: list[Source]
     finish_reason: FinishReason | None = None
     generation: Generation | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)

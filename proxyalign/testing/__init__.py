@@ -4,8 +4,11 @@ from proxyalign.testing.conformance import CriterionConformanceTests, check_crit
 from proxyalign.testing.tiny import (
     REAL_PAIR,
     real_pair_dirs,
+    real_tokenizer,
     save_tiny_pair,
     tiny_aligner,
+    tiny_chat_aligner,
+    tiny_chat_model,
     tiny_model,
     tiny_tokenizer,
 )
@@ -15,8 +18,11 @@ __all__ = [
     "CriterionConformanceTests",
     "check_criterion",
     "real_pair_dirs",
+    "real_tokenizer",
     "save_tiny_pair",
     "tiny_aligner",
+    "tiny_chat_aligner",
+    "tiny_chat_model",
     "tiny_model",
     "tiny_tokenizer",
 ]

@@ -16,8 +16,11 @@ import torch
 __all__ = [
     "REAL_PAIR",
     "real_pair_dirs",
+    "real_tokenizer",
     "save_tiny_pair",
     "tiny_aligner",
+    "tiny_chat_aligner",
+    "tiny_chat_model",
     "tiny_model",
     "tiny_tokenizer",
 ]
@@ -103,6 +106,61 @@ def tiny_aligner(criterion: str = "dual_kad", small_base: bool = False, **kwargs
         tiny_model(1, layers=1),
         tiny_tokenizer(),
         small_base=tiny_model(2, layers=1) if small_base else None,
+        criterion=criterion,
+        **kwargs,
+    )
+
+
+#: Text that :func:`tiny_chat_model` favours: what JSON and tool calls are made of, and short words.
+_FAVOURED = ['"', "}", "]", ",", " ", ":", "0", "1", "2", "3", "7", "a", "b", "x", "true", "<|im_end|>"]
+
+
+@lru_cache(maxsize=1)
+def real_tokenizer() -> Any:
+    """The real pair's tokenizer (Qwen2.5's byte-level BPE, 151,665 tokens, a Hermes-style tool-calling
+    chat template), or None when the pair has not been fetched (`make fetch`)."""
+    dirs = real_pair_dirs()
+    if dirs is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(dirs[1])
+
+
+def tiny_chat_model(seed: int, tokenizer: Any, layers: int = 1, bias: float = 14.0) -> Any:
+    """A tiny random model over a real tokenizer's vocabulary, for tool-calling and structured-output
+    tests: its output layer has a bias of ``bias`` towards a few tokens (quotes, braces, digits, short
+    words, end of turn), so that under a JSON grammar it closes strings and objects within tens of
+    tokens rather than wandering through 150k tokens. Still a real model: the engine runs it as any."""
+    width = len(tokenizer)
+    model = tiny_model(seed, layers=layers, vocab_size=width, scale=1.0)
+    head = torch.nn.Linear(model.config.hidden_size, width, bias=True)
+    favoured = {i for text in _FAVOURED for i in tokenizer.encode(text, add_special_tokens=False)[:1]}
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[sorted(favoured)] = bias
+    model.lm_head = head
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(
+        "<|im_end|>"
+    )
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def tiny_chat_aligner(criterion: str = "dual_kad", small_base: bool = False, **kwargs: Any) -> Any:
+    """A ProxyAligner over tiny random models that use the real pair's tokenizer and chat template
+    (:func:`tiny_chat_model`); None when the real pair has not been fetched."""
+    from proxyalign.aligner import ProxyAligner
+
+    tokenizer = real_tokenizer()
+    if tokenizer is None:
+        return None
+    return ProxyAligner(
+        tiny_chat_model(10, tokenizer, layers=2),
+        tiny_chat_model(11, tokenizer),
+        tokenizer,
+        small_base=tiny_chat_model(12, tokenizer) if small_base else None,
         criterion=criterion,
         **kwargs,
     )

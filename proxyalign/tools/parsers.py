@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import random
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 from proxyalign.errors import InvalidParameterError, ToolCallError
@@ -170,6 +170,12 @@ class ToolCallParser:
         """A parser for one streamed output. ``tools``: refuse calls to other names; ``seed``: call ids."""
         raise NotImplementedError
 
+    def call_grammar(self, rule: str, literal: Callable[[str], str]) -> str | None:
+        """The Lark body of one call in this format around the JSON call object ``rule`` (``{"name",
+        "arguments"}``), for a forced ``tool_choice``; ``literal(text)`` quotes fixed text (a special
+        token where the vocabulary has one). None: this format cannot be constrained."""
+        return None
+
     def parse(
         self, text: str, *, tools: ToolsArg = None, seed: int | None = None, strict: bool = False
     ) -> ParsedOutput:
@@ -209,6 +215,10 @@ class TaggedBlockParser(ToolCallParser):
 
     def stream(self, *, tools: ToolsArg = None, seed: int | None = None) -> StreamParser:
         return TaggedBlockStream(self, tools=tools, seed=seed)
+
+    def call_grammar(self, rule: str, literal: Callable[[str], str]) -> str | None:
+        newline = literal("\n")
+        return f"{literal(self.open_tag)} {newline} {rule} {newline} {literal(self.close_tag)}"
 
     def decode_block(self, body: str) -> tuple[str, dict[str, Any]]:
         """``(name, arguments)`` from the text between the tags, or :class:`BlockError`.
