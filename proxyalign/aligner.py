@@ -59,6 +59,7 @@ class GenerateOptions(TypedDict, total=False):
     response_format: Any
     tools: Sequence[Mapping[str, Any]] | None
     tool_choice: str | Mapping[str, Any] | None
+    parallel_tool_calls: bool | None
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,8 @@ class ProxyAligner:
         "pattern": ...}``: every model's distribution is restricted to what keeps the output valid),
         ``tools`` (OpenAI tools, offered through each model's template; calls are parsed into
         ``Generation.tool_calls``) and ``tool_choice`` (``"auto"``, ``"none"``, ``"required"`` or a
-        tool's name: the last two constrain the output to calls). Safe to call from many threads at
+        tool's name: the last two constrain the output to calls; ``parallel_tool_calls=False``: to one
+        call). Safe to call from many threads at
         once: every call's prompts join the engine's one running batch. With a ``seed``, prompt ``i``
         samples from its own generator (:func:`~proxyalign.engine.request.derive_seed`), so its tokens
         do not depend on what else is decoding.
@@ -412,7 +414,8 @@ class ProxyAligner:
         """
         config, sampling, chosen = self._checked(options)
         tools, choice = _tool_options(options)
-        grammar = self._grammar(options.get("response_format"), tools, choice)
+        parallel = options.get("parallel_tool_calls") is not False
+        grammar = self._grammar(options.get("response_format"), tools, choice, parallel)
         offered = tools if choice != "none" else None
         roles = list(roles_for(chosen))
         encoded = self._tokenize(prompts, roles, config.max_new_tokens, offered)
@@ -436,11 +439,13 @@ class ProxyAligner:
         ]
 
     def _grammar(
-        self, response_format: Any, tools: list[dict[str, Any]] | None, choice: str
+        self, response_format: Any, tools: list[dict[str, Any]] | None, choice: str, parallel: bool
     ) -> Grammar | None:
         """The call's output grammar, compiled and checked here (the first one builds llguidance's
         tokenizer, about a second for a 150k vocabulary)."""
-        return self.grammars.output_grammar(response_format, tools, choice, self.tool_parser.call_grammar)
+        return self.grammars.output_grammar(
+            response_format, tools, choice, self.tool_parser.call_grammar, parallel
+        )
 
     def check_options(self, **options: Unpack[GenerateOptions]) -> None:
         """Validate generation options as a call would, without decoding anything (the adapters check

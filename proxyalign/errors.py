@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "ConstraintError",
     "CriterionError",
     "EngineClosedError",
     "InvalidParameterError",
@@ -48,6 +49,10 @@ class ModelLoadError(ProxyAlignError, OSError):
 
 class EngineClosedError(ProxyAlignError, RuntimeError):
     """The engine was closed (``ProxyAligner.close()``); no request is accepted any more."""
+
+
+class ConstraintError(ProxyAlignError, RuntimeError):
+    """A constrained row reached a state its grammar allows no token from (fails that row only)."""
 
 
 class ToolCallError(ProxyAlignError, ValueError):

@@ -81,6 +81,14 @@ class GenerationSettings(BaseModel):
     response_format: Any = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("parallel_tool_calls", mode="before")
+    @classmethod
+    def _parallel(cls, value: Any) -> Any:
+        if value is None or isinstance(value, bool):
+            return value
+        raise ValueError(f"parallel_tool_calls must be true or false, got {value!r}")
 
     @field_validator("max_new_tokens", mode="before")
     @classmethod

@@ -141,6 +141,7 @@ class GrammarCompiler:
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: str | None = None,
         call_block: Any = None,
+        parallel_tool_calls: bool = True,
     ) -> Grammar | None:
         """The grammar of a call's output, or None when nothing constrains it.
 
@@ -148,7 +149,9 @@ class GrammarCompiler:
         or a tool's name; ``call_block(rule, literal)`` is the tool parser's Lark body of one call around
         the JSON call object ``rule``
         (:meth:`~proxyalign.tools.ToolCallParser.call_grammar`). A forced choice constrains the output
-        to calls; ``"auto"`` with a ``response_format`` allows calls or the format's answer.
+        to calls (one call when ``parallel_tool_calls`` is false, else one or more, the last
+        optionally followed by a newline); ``"auto"`` with a ``response_format`` allows calls or the
+        format's answer.
         """
         answer = response_format_lark(response_format)
         forced = bool(tools) and tool_choice not in (None, "auto", "none")
@@ -161,7 +164,9 @@ class GrammarCompiler:
                     f"tool_choice={tool_choice!r} needs a tool-call format that can be constrained; "
                     "the model's tool-call parser has none (see docs/tools.md)"
                 )
-            calls = f"call ({json.dumps(chr(10))} call)*" if name is None else "call"
+            newline = json.dumps("\n")
+            several = name is None and parallel_tool_calls
+            calls = f"call ({newline} call)* {newline}?" if several else f"call {newline}?"
             calls = f"{calls}\ncall: {block}\ncall_json: {json_rule(tool_call_schema(tools, name))}"
         if forced:
             return self.compile(f"start: {calls}", "tool_choice")

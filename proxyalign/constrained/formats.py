@@ -124,7 +124,8 @@ def _parse(value: Any) -> tuple[str | None, Any]:
 
 def tool_call_schema(tools: Sequence[Mapping[str, Any]], name: str | None = None) -> dict[str, Any]:
     """The JSON schema of one call object ``{"name": ..., "arguments": {...}}`` to any of ``tools``
-    (normalised OpenAI tools), or to the one named ``name``."""
+    (normalised OpenAI tools), or to the one named ``name``. Arguments a tool's schema does not declare
+    are refused unless it says ``additionalProperties`` (as OpenAI's strict function calling does)."""
     options = []
     for tool in tools:
         function = tool["function"]
@@ -132,6 +133,7 @@ def tool_call_schema(tools: Sequence[Mapping[str, Any]], name: str | None = None
             continue
         parameters = dict(function.get("parameters") or {"type": "object"})
         parameters.setdefault("type", "object")
+        parameters.setdefault("additionalProperties", False)  # a call with unknown arguments is an error
         options.append(
             {
                 "type": "object",

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from proxyalign.engine.constraint import RowConstraint
 from proxyalign.engine.lanes import Lane, LaneRow, TokenLane
 from proxyalign.engine.memory import release_free_memory
 from proxyalign.engine.output import RowOutput
@@ -313,8 +314,10 @@ class Engine:
         rows = []
         for ticket in job.tickets:
             ticket.state, ticket.lane = "running", lane
+            request = ticket.request
+            constraint = RowConstraint(request.grammar) if request.grammar is not None else None
             rows.append(
-                LaneRow(ticket.request, ticket, ticket.request.generator(), ticket.request.prompt_tokens)
+                LaneRow(request, ticket, request.generator(), request.prompt_tokens, constraint=constraint)
             )
         lane.join(rows, job.finish())
 

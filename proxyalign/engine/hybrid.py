@@ -122,13 +122,22 @@ def call_target(criterion: Criterion, p: Dists, q_star: Dists, q: Dists | None =
     a log-space criterion's log-scores are normalised here by a float32 softmax."""
     if criterion.reads_logprobs:
         logs = [None if d is None else d.logprobs for d in (p, q_star, q)]
-        return torch.softmax(_call(criterion, "log_target", *logs), dim=-1)
-    return _call(criterion, "target", *(None if d is None else d.probs for d in (p, q_star, q)))
+        scores = _call(criterion, "log_target", *logs)
+        if p.allowed is not None and isinstance(scores, torch.Tensor) and scores.shape == p.allowed.shape:
+            scores = scores.masked_fill(~p.allowed, float("-inf"))  # log 0 - log 0 there would be NaN
+        return torch.softmax(scores, dim=-1)
+    pi = _call(criterion, "target", *(None if d is None else d.probs for d in (p, q_star, q)))
+    if p.allowed is not None and isinstance(pi, torch.Tensor) and pi.shape == p.allowed.shape:
+        pi = torch.where(p.allowed, pi, 0.0)  # the criterion over the constrained models, renormalised
+        pi = pi / pi.sum(dim=-1, keepdim=True)
+    return pi
 
 
 def rejection_of(criterion: Criterion, p: Dists, q_star: Dists | None, q: Dists | None) -> Checked:
     """:func:`call_rejection`, shape-checked, with NaN / out-of-range values flagged on the device."""
     mu = _check_shape(criterion, "mu", call_rejection(criterion, p, q_star, q), p.probs).float()
+    if p.allowed is not None:  # p has no mass on disallowed tokens: mu there is never used
+        mu = torch.where(p.allowed, mu, 0.0)
     valid = (mu >= -_MU_TOLERANCE) & (mu <= 1 + _MU_TOLERANCE)  # NaN fails both
     return Checked(~valid.all(), torch.nan_to_num(mu, nan=0.0).clamp(0, 1), mu, "mu")
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from proxyalign.criteria.base import Criterion, CriterionKind
+from proxyalign.engine.constraint import RowConstraint, grammar_masks
 from proxyalign.engine.gamma import GammaSchedule
 from proxyalign.engine.hybrid import (
     Checked,
@@ -51,6 +52,7 @@ class LaneRow:
     schedule: GammaSchedule | None = None
     produced: int = 0
     forwards_at_join: tuple[int, int] = (0, 0)
+    constraint: RowConstraint | None = None  #: the row's grammar state, if its output is constrained
 
     def uniforms(self, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.generator, dtype=torch.float64)
@@ -113,6 +115,7 @@ class Lane:
         self.models = {role: models[role] for role in self.roles}
         self.lead = BASE if BASE in self.roles else ALIGNED
         self.device: torch.device | None = None
+        self.allowed: torch.Tensor | None = None  #: this step's grammar masks (None: no row constrained)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -143,7 +146,7 @@ class Lane:
         self._changed()
 
     def _changed(self) -> None:
-        for name in ("sampling", "groups"):
+        for name in ("sampling", "groups", "constrained"):
             self.__dict__.pop(name, None)
 
     @cached_property
@@ -171,15 +174,37 @@ class Lane:
         return tuple(self.runners[r].forwards if r in self.runners else 0 for r in (BASE, ALIGNED))  # type: ignore[return-value]
 
     # -- helpers for steps ------------------------------------------------------------------------
-    def _dists(self, role: str, logits: torch.Tensor, sampling: RowSampling) -> Dists:
+    def _dists(
+        self, role: str, logits: torch.Tensor, sampling: RowSampling, allowed: torch.Tensor | None = None
+    ) -> Dists:
         proposer = role != SMALL_BASE
         rows = sampling if proposer else sampling.unfiltered()
-        return model_dists(
-            logits.to(self.device, non_blocking=True), self.vocab_size, rows, proposer=proposer
-        )
+        logits = logits.to(self.device, non_blocking=True)
+        return model_dists(logits, self.vocab_size, rows, proposer=proposer, allowed=allowed)
 
     def _next(self, role: str) -> Dists:
-        return self._dists(role, self.runners[role].next_logits(), self.sampling)
+        return self._dists(role, self.runners[role].next_logits(), self.sampling, self.allowed)
+
+    @cached_property
+    def constrained(self) -> bool:
+        return any(row.constraint is not None for row in self.rows)
+
+    def _masks(self, errors: dict[int, Exception]) -> torch.Tensor | None:
+        """The rows' grammar masks for the next position; rows whose grammar allows nothing fail."""
+        if not self.constrained:
+            return None
+        masks, failed = grammar_masks([row.constraint for row in self.rows], self.vocab_size, self.device)
+        for b, error in failed.items():
+            errors.setdefault(b, error)
+        return masks
+
+    def _advance_grammars(self, tokens: Sequence[int], errors: dict[int, Exception]) -> None:
+        """Move each constrained row's grammar over the token it emitted this step."""
+        for b, row in enumerate(self.rows):
+            if row.constraint is not None and b not in errors:
+                error = row.constraint.advance([tokens[b]])
+                if error is not None:
+                    errors[b] = error
 
     def _uniforms(self, counts: Sequence[int], width: int, fill: float) -> torch.Tensor:
         """``[B, width]`` uniforms: row b's first ``counts[b]`` from its own generator, ``fill`` after."""
@@ -244,6 +269,7 @@ class TokenLane(Lane):
         u = self._uniforms([3] * b, 3, 0.5)
         errors: dict[int, Exception] = {}
         checks: list[tuple[Group, Checked]] = []
+        self.allowed = self._masks(errors)
         if BASE not in self.runners:  # q* alone
             tokens = pick(self._next(ALIGNED).probs, u[:, 2], self.sampling.greedy)
             ones = torch.ones_like(tokens)
@@ -262,6 +288,8 @@ class TokenLane(Lane):
         ).tolist()
         self._report(checks, packed[6 * b :], errors)
         tokens, codes, drafted, rejected, checked, holds = (packed[i * b : (i + 1) * b] for i in range(6))
+        if self.allowed is not None:
+            self._advance_grammars(tokens, errors)
         for row in self.rows:
             row.produced += 1
             row.length += 1

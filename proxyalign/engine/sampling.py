@@ -181,12 +181,21 @@ class Dists:
     ``probs`` is tempered and filtered (what tokens are drawn from); ``view`` is what the criterion
     sees (``probs``, or the raw softmax for rows with a raw view). Log-probabilities are computed on
     first use, exactly (``log_softmax`` of the scores, never ``log`` of an underflowed probability).
+    ``allowed`` (``bool [N, V]``, or None) is the grammar mask already applied: disallowed tokens have
+    zero mass in both views, and a criterion's output there is ignored (see engine.hybrid).
     """
 
-    def __init__(self, scores: torch.Tensor, raw: torch.Tensor, raw_view: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        scores: torch.Tensor,
+        raw: torch.Tensor,
+        raw_view: torch.Tensor | None,
+        allowed: torch.Tensor | None = None,
+    ) -> None:
         self._scores = scores
         self._raw = raw
         self._raw_view = raw_view
+        self.allowed = allowed
 
     @classmethod
     def from_probs(cls, probs: torch.Tensor) -> Dists:
@@ -233,29 +242,63 @@ class Dists:
 
         first = steps[0]
         raw_view = None if first._raw_view is None else first._raw_view.repeat_interleave(n)
-        stacked = cls(flat([d._scores for d in steps]), flat([d._raw for d in steps]), raw_view)
+        allowed = None
+        if any(d.allowed is not None for d in steps):
+            allowed = flat(
+                [torch.ones_like(d._raw, dtype=torch.bool) if d.allowed is None else d.allowed for d in steps]
+            )
+        stacked = cls(flat([d._scores for d in steps]), flat([d._raw for d in steps]), raw_view, allowed)
         for name in ("probs", "logprobs", "view", "view_logprobs"):
             if all(name in d.__dict__ for d in steps):
                 stacked.__dict__[name] = flat([d.__dict__[name] for d in steps])
         return stacked
 
+    def where(self, keep: torch.Tensor, other: Dists) -> Dists:
+        """Rows of ``self`` where ``keep`` (``[N]`` bool), of ``other`` elsewhere (same settings)."""
+        rows = keep.unsqueeze(-1)
+        allowed = None
+        if self.allowed is not None and other.allowed is not None:
+            allowed = torch.where(rows, self.allowed, other.allowed)
+        return Dists(
+            torch.where(rows, self._scores, other._scores),
+            torch.where(rows, self._raw, other._raw),
+            self._raw_view,
+            allowed,
+        )
+
     def select(self, index: torch.Tensor) -> Dists:
         """The distributions of some rows (a criterion group, a position per row)."""
         raw_view = None if self._raw_view is None else self._raw_view.index_select(0, index)
-        picked = Dists(self._scores.index_select(0, index), self._raw.index_select(0, index), raw_view)
+        allowed = None if self.allowed is None else self.allowed.index_select(0, index)
+        picked = Dists(
+            self._scores.index_select(0, index), self._raw.index_select(0, index), raw_view, allowed
+        )
         for name in ("probs", "logprobs", "view", "view_logprobs"):
             if name in self.__dict__:  # computed already: slice it rather than recompute
                 picked.__dict__[name] = self.__dict__[name].index_select(0, index)
         return picked
 
 
-def model_dists(logits: torch.Tensor, vocab_size: int, rows: RowSampling, *, proposer: bool = True) -> Dists:
-    """Distributions of one model's logits (``[N, V_model]`` -> ``[N, V]``), each row with its settings."""
+def model_dists(
+    logits: torch.Tensor,
+    vocab_size: int,
+    rows: RowSampling,
+    *,
+    proposer: bool = True,
+    allowed: torch.Tensor | None = None,
+) -> Dists:
+    """Distributions of one model's logits (``[N, V_model]`` -> ``[N, V]``), each row with its settings.
+
+    ``allowed`` (``bool [N, V]``): a grammar's mask, applied first, so temperature, top-k/top-p and
+    every view of the distribution renormalise over the allowed tokens only.
+    """
     raw = logits[..., :vocab_size].float()
+    if allowed is not None:
+        raw = raw.masked_fill(~allowed, float("-inf"))
     scores = raw / rows.temperature.unsqueeze(-1) if rows.tempered else raw
     if proposer and rows.filters:
         scores = _filter(scores, rows.top_k, rows.top_p)
-    return Dists(scores, raw, rows.raw_view)
+    return Dists(scores, raw, rows.raw_view, allowed)
 
 
 def logits_to_probs(

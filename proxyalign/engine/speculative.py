@@ -93,8 +93,8 @@ class SpeculativeLane(Lane):
         limit = torch.tensor(gammas, device=self.device)
         errors: dict[int, Exception] = {}
         checks: list[tuple[Group, Checked]] = []
-        steps, drafts = self._draft(g, u)
-        p_all, q_all = self._score(drafts, g)
+        steps, drafts, masks = self._draft(g, u, errors)
+        p_all, q_all = self._score(drafts, g, masks)
         q_star = Dists.stack(steps) if g else None
         n, draft_codes = self._check(drafts, p_all, q_star, q_all, u[:, g : 2 * g], limit, errors, checks)
         rows = torch.arange(b, device=self.device)
@@ -102,6 +102,10 @@ class SpeculativeLane(Lane):
         final_q = q_all.select(rows * (g + 1) + n) if q_all is not None else None
         final_q_star = q_star.select(rows * g + n.clamp(max=g - 1)) if q_star is not None else None
         if final_q_star is not None:
+            # Rows that passed every draft need q* at position g, computed below; until then p stands
+            # in (their result here is discarded), so the criterion never sees q* and p at different
+            # positions (different grammar masks or filters: a target of NaN, flagged as invalid).
+            final_q_star = final_q_star.where(n < g, final_p)
             token, code = self._final(final_p, final_q_star, final_q, n < limit, u[:, 2 * g], errors, checks)
         else:
             token = code = torch.zeros_like(n)
@@ -111,6 +115,7 @@ class SpeculativeLane(Lane):
         extra = [i for i in range(b) if accepted[i] == g]
         if extra:  # rows that passed all G drafts need q* one position further
             runner = self.runners[ALIGNED]
+            self.allowed = masks[g] if masks else None
             if g:
                 runner.push(drafts[:, -1])
             final_q_star = Dists.stack([*steps, self._next(ALIGNED)]).select(rows * (g + 1) + n)
@@ -121,6 +126,8 @@ class SpeculativeLane(Lane):
             for i in extra:
                 tokens[i], codes[i] = more[i], more[b + i]
         self._roll_back(n, accepted, tokens, g, q_star_stepped=bool(extra))
+        if masks:
+            self._settle_grammars(accepted, tokens, errors)
         drafted_rows = packed[3 * b : 3 * b + b * g]
         code_rows = packed[3 * b + b * g : 3 * b + 2 * b * g]
         out = []
@@ -135,31 +142,66 @@ class SpeculativeLane(Lane):
             out.append(RowStep(ids, sources, k + (k < gamma), int(k < gamma), 0, 0, errors.get(i)))
         return out
 
-    def _draft(self, g: int, u: torch.Tensor) -> tuple[list[Dists], torch.Tensor]:
+    def _draft(
+        self, g: int, u: torch.Tensor, errors: dict[int, Exception]
+    ) -> tuple[list[Dists], torch.Tensor, list[torch.Tensor | None]]:
         """q*'s distributions at the ``g`` draft positions and its drafts ``[B, g]``; q* is fed the first
-        ``g - 1`` drafts (the last one only if some row needs the bonus position)."""
+        ``g - 1`` drafts (the last one only if some row needs the bonus position).
+
+        With constrained rows, also the grammar masks of the ``g + 1`` positions (empty otherwise): each
+        draft is sent to the host to advance its row's grammar (:meth:`RowConstraint.draft`), the one
+        extra transfer per draft that constrained decoding costs.
+        """
         runner = self.runners[ALIGNED]
         steps: list[Dists] = []
         drafts: list[torch.Tensor] = []
+        masks: list[torch.Tensor | None] = []
         for i in range(g):
             if i:
                 runner.push(drafts[-1])
+            if self.constrained:
+                if i:
+                    self._draft_grammars(drafts[-1].tolist(), errors)
+                masks.append(self._masks(errors))
+                self.allowed = masks[-1]
             steps.append(self._next(ALIGNED))
             drafts.append(pick(steps[-1].probs, u[:, i], self.sampling.greedy))
+        if self.constrained:
+            if drafts:
+                self._draft_grammars(drafts[-1].tolist(), errors)
+            masks.append(self._masks(errors))
         if not drafts:
-            return steps, torch.empty((len(self.rows), 0), dtype=torch.long, device=self.device)
-        return steps, torch.stack(drafts, dim=1)
+            return steps, torch.empty((len(self.rows), 0), dtype=torch.long, device=self.device), masks
+        return steps, torch.stack(drafts, dim=1), masks
 
-    def _score(self, drafts: torch.Tensor, g: int) -> tuple[Dists, Dists | None]:
+    def _draft_grammars(self, tokens: list[int], errors: dict[int, Exception]) -> None:
+        for b, row in enumerate(self.rows):
+            if row.constraint is not None and b not in errors:
+                error = row.constraint.draft(tokens[b])
+                if error is not None:
+                    errors[b] = error
+
+    def _settle_grammars(self, accepted: list[int], tokens: list[int], errors: dict[int, Exception]) -> None:
+        """Roll each constrained row's grammar back over its rejected drafts, on to its last token."""
+        for b, row in enumerate(self.rows):
+            if row.constraint is not None and b not in errors:
+                error = row.constraint.settle(accepted[b], tokens[b])
+                if error is not None:
+                    errors[b] = error
+
+    def _score(
+        self, drafts: torch.Tensor, g: int, masks: list[torch.Tensor | None]
+    ) -> tuple[Dists, Dists | None]:
         """p's (and q's) distributions at the ``g + 1`` positions, from one forward each: ``[B * (g+1)]``."""
         sampling = self.sampling.repeat(g + 1)
+        allowed = torch.stack(masks, dim=1).flatten(0, 1) if masks else None  # type: ignore[arg-type]
         out: dict[str, Dists] = {}
         for role in (BASE, SMALL_BASE):
             if role in self.runners:
                 runner = self.runners[role]
                 runner.push_block(drafts)
                 logits = runner.last_logits(g + 1)
-                out[role] = self._dists(role, logits.flatten(0, 1), sampling)
+                out[role] = self._dists(role, logits.flatten(0, 1), sampling, allowed)
         return out[BASE], out.get(SMALL_BASE)
 
     def _check(

@@ -19,6 +19,8 @@ __all__ = [
     "real_tokenizer",
     "save_tiny_pair",
     "tiny_aligner",
+    "tiny_byte_aligner",
+    "tiny_byte_tokenizer",
     "tiny_chat_aligner",
     "tiny_chat_model",
     "tiny_model",
@@ -60,7 +62,12 @@ def tiny_tokenizer() -> Any:
 
 
 def tiny_model(
-    seed: int, layers: int = 2, vocab_size: int = TINY_VOCAB, hidden: int = 32, scale: float = 4.0
+    seed: int,
+    layers: int = 2,
+    vocab_size: int = TINY_VOCAB,
+    hidden: int = 32,
+    scale: float = 4.0,
+    window: int = 256,
 ) -> Any:
     """A random Mistral-architecture causal LM. ``scale`` sharpens its output distributions.
 
@@ -78,7 +85,7 @@ def tiny_model(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=window,
         eos_token_id=1,
         pad_token_id=2,
         bos_token_id=3,
@@ -111,6 +118,52 @@ def tiny_aligner(criterion: str = "dual_kad", small_base: bool = False, **kwargs
     )
 
 
+@lru_cache(maxsize=1)
+def tiny_byte_tokenizer() -> Any:
+    """A byte-level tokenizer with no merges: 256 byte tokens, then ``<|im_end|>`` (EOS) and
+    ``<|endoftext|>`` (padding). Any text is expressible, as grammar libraries assume of a vocabulary
+    (the word-level :func:`tiny_tokenizer` is not), and distributions stay small enough (258 tokens)
+    for statistical tests of constrained decoding to be fast and well conditioned."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    return tokenizer
+
+
+def tiny_byte_aligner(criterion: str = "dual_kad", small_base: bool = False, **kwargs: Any) -> Any:
+    """A ProxyAligner over tiny random models on :func:`tiny_byte_tokenizer` (no download needed)."""
+    from proxyalign.aligner import ProxyAligner
+
+    tokenizer = tiny_byte_tokenizer()
+    width = len(tokenizer)
+
+    def model(seed: int, layers: int) -> Any:
+        built = tiny_model(seed, layers=layers, vocab_size=width, scale=2.0)
+        built.config.eos_token_id = built.generation_config.eos_token_id = tokenizer.eos_token_id
+        built.config.pad_token_id = built.generation_config.pad_token_id = tokenizer.pad_token_id
+        return built
+
+    return ProxyAligner(
+        model(20, 2),
+        model(21, 1),
+        tokenizer,
+        small_base=model(22, 1) if small_base else None,
+        criterion=criterion,
+        **kwargs,
+    )
+
+
 #: Text that :func:`tiny_chat_model` favours: what JSON and tool calls are made of, and short words.
 _FAVOURED = ['"', "}", "]", ",", " ", ":", "0", "1", "2", "3", "7", "a", "b", "x", "true", "<|im_end|>"]
 
@@ -133,7 +186,7 @@ def tiny_chat_model(seed: int, tokenizer: Any, layers: int = 1, bias: float = 14
     words, end of turn), so that under a JSON grammar it closes strings and objects within tens of
     tokens rather than wandering through 150k tokens. Still a real model: the engine runs it as any."""
     width = len(tokenizer)
-    model = tiny_model(seed, layers=layers, vocab_size=width, scale=1.0)
+    model = tiny_model(seed, layers=layers, vocab_size=width, scale=1.0, window=1024)  # room for tools
     head = torch.nn.Linear(model.config.hidden_size, width, bias=True)
     favoured = {i for text in _FAVOURED for i in tokenizer.encode(text, add_special_tokens=False)[:1]}
     with torch.no_grad():
