@@ -420,9 +420,9 @@ BAD_REQUESTS = [
     ("no model field", "/v1/chat/completions", {"messages": chat("w5")}, 422, "model"),
     ("empty messages", "/v1/chat/completions", {**GOOD, "messages": []}, 400, "messages"),
     (
-        "tool role",
+        "function role",
         "/v1/chat/completions",
-        {**GOOD, "messages": [{"role": "tool", "content": "x"}]},
+        {**GOOD, "messages": [{"role": "function", "name": "f", "content": "x"}]},
         400,
         "messages[0].role",
     ),

@@ -26,7 +26,6 @@ from proxyalign.server.errors import APIError, install_error_handlers, proxyalig
 from proxyalign.server.limits import BodyLimitMiddleware
 from proxyalign.server.metrics import ServerMetrics
 from proxyalign.server.protocol import (
-    AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
@@ -37,7 +36,14 @@ from proxyalign.server.protocol import (
     ModelList,
 )
 from proxyalign.server.security import api_key_check
-from proxyalign.server.service import GenerationService, Tracker, finish_reason, provenance_of, usage_of
+from proxyalign.server.service import (
+    GenerationService,
+    Tracker,
+    assistant_message,
+    finish_reason,
+    provenance_of,
+    usage_of,
+)
 from proxyalign.server.streaming import EventStreamResponse, chat_events, completion_events
 from proxyalign.server.translate import Plan, plan_chat, plan_completion
 
@@ -106,8 +112,8 @@ def chat_reply(generations: list[Generation], plan: Plan, criterion: str, model:
     choices = [
         ChatChoice(
             index=i,
-            message=AssistantMessage(content=g.text),
-            finish_reason=finish_reason(g.finish_reason),  # type: ignore[arg-type]
+            message=assistant_message(g, plan.single_tool_call),
+            finish_reason=finish_reason(g.finish_reason, g),  # type: ignore[arg-type]
             proxyalign=provenance_of(g, criterion) if plan.provenance else None,
         )
         for i, g in enumerate(generations)

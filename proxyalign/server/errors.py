@@ -73,10 +73,13 @@ def error_response(error: APIError) -> JSONResponse:
     )
 
 
-def proxyalign_error(exc: ProxyAlignError, *, retry_after_s: int = 1) -> APIError:
+def proxyalign_error(
+    exc: ProxyAlignError, *, retry_after_s: int = 1, prompt_field: str = "prompt"
+) -> APIError:
     """A proxyalign exception as an API error: bad input is 400, a closed engine 503, a failing criterion
     500 (a server-side component broke, not the request), each with proxyalign's own message (which
-    names the parameter)."""
+    names the parameter). ``prompt_field``: the request field a prompt problem is about (``messages``
+    in chat)."""
     message = str(exc) or type(exc).__name__
     if isinstance(exc, EngineClosedError):
         return APIError(
@@ -84,7 +87,8 @@ def proxyalign_error(exc: ProxyAlignError, *, retry_after_s: int = 1) -> APIErro
         )
     if isinstance(exc, CriterionError):
         return APIError(500, message, param="criterion", code="criterion_error")
-    return APIError(400, message, param=_param_of(message))
+    param = _param_of(message)
+    return APIError(400, message, param=prompt_field if param == "prompt" else param)
 
 
 #: proxyalign option names and the request fields they come from, for the ``param`` of an error.
@@ -100,6 +104,9 @@ _PARAMS: dict[str, str] = {
     "criterion": "criterion",
     "mode": "mode",
     "gamma": "gamma",
+    "response_format": "response_format",
+    "tool_choice": "tool_choice",
+    "tools": "tools",
 }
 
 

@@ -108,6 +108,14 @@ class ServerMetrics:
             ["source"],
             registry=registry,
         )
+        self.tool_calls = Counter(
+            "proxyalign_tool_calls", "tool calls parsed from the answers' text", registry=registry
+        )
+        self.tool_call_errors = Counter(
+            "proxyalign_tool_call_errors",
+            "call-like blocks that were malformed and stayed in the content",
+            registry=registry,
+        )
         self.drafts = Counter("proxyalign_drafts", "p's drafts checked by a criterion", registry=registry)
         self.rejected_drafts = Counter(
             "proxyalign_rejected_drafts", "p's drafts the criterion rejected", registry=registry
@@ -137,13 +145,15 @@ class ServerMetrics:
             self.tokens_by_source.labels(str(source))
 
     def record_generation(self, generation: Generation) -> None:
-        """Tokens, provenance and rejection rate of one finished choice."""
+        """Tokens, provenance, tool calls and rejection rate of one finished choice."""
         stats = generation.stats
         self.completion_tokens.inc(stats.new_tokens)
         for source in Source:
             count = sum(1 for s in generation.sources if s == source)
             if count:
                 self.tokens_by_source.labels(str(source)).inc(count)
+        self.tool_calls.inc(len(generation.tool_calls))
+        self.tool_call_errors.inc(len(generation.tool_call_errors))
         self.drafts.inc(stats.drafts)
         self.rejected_drafts.inc(stats.rejected_drafts)
         if stats.rejection_rate is not None:

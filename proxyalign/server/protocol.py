@@ -25,11 +25,13 @@ __all__ = [
     "CompletionChunk",
     "CompletionRequest",
     "Delta",
+    "FunctionCall",
     "ModelCard",
     "ModelList",
     "Provenance",
     "StreamOptions",
     "TokenProvenance",
+    "ToolCallPayload",
     "Usage",
     "new_id",
 ]
@@ -67,14 +69,17 @@ class StreamOptions(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One chat message. ``content`` is text or a list of ``{"type": "text", "text": ...}`` parts; the
-    roles and parts the hybrid cannot take are refused by the translation, naming the message."""
+    """One chat message. ``content`` is text or a list of ``{"type": "text", "text": ...}`` parts; an
+    assistant's ``tool_calls`` and a tool result's ``tool_call_id`` are OpenAI's. The roles and parts
+    the hybrid cannot take are refused by the translation, naming the message."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 class GenerationRequest(BaseModel):
@@ -104,6 +109,9 @@ class GenerationRequest(BaseModel):
     gamma: int | str | None = None
     top_k: int | None = None
     provenance: bool | None = None  #: per-choice sources and rejection rate (default: on unless streaming)
+    #: OpenAI's json_object / json_schema, or (extensions) {"type": "regex", "pattern": ...} and
+    #: {"type": "lark", "grammar": ...}; the core checks the value and enforces it with a grammar
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(GenerationRequest):
@@ -118,6 +126,9 @@ class ChatCompletionRequest(GenerationRequest):
 
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  #: OpenAI's newer name for ``max_tokens``
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  #: false: at most one call per choice (the first)
 
 
 # -- responses -------------------------------------------------------------------------------------
@@ -134,8 +145,11 @@ class TokenProvenance(BaseModel):
     token_ids: list[int]
 
 
-class Provenance(TokenProvenance):
-    """Provenance of a whole choice: every token's source and the hybrid's statistics."""
+class Provenance(TokenProvenance, _Response):
+    """Provenance of a whole choice: every token's source and the hybrid's statistics; with tools, why
+    any call-like block was not accepted as a call (its text stays in the content)."""
+
+    _omit_if_none = ("tool_call_errors",)
 
     rejection_rate: float | None = None  #: fraction of p's drafts that the criterion rejected
     tokens_from_base: int = 0
@@ -143,6 +157,7 @@ class Provenance(TokenProvenance):
     tokens_from_target: int = 0
     criterion: str | None = None
     stop_sequence: str | None = None
+    tool_call_errors: list[str] | None = None
 
 
 class CompletionChoice(_Response):
@@ -171,9 +186,39 @@ class CompletionChunk(Completion):
     """A streamed piece of a completion (OpenAI uses the same ``object`` for both)."""
 
 
-class AssistantMessage(BaseModel):
+class FunctionCall(_Response):
+    """A call's function: in a streamed piece, ``name`` comes once and ``arguments`` in fragments."""
+
+    _omit_if_none = ("name", "arguments")
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallPayload(_Response):
+    """A tool call as OpenAI writes it: whole in a message (no ``index``), in pieces in a stream (the
+    first piece of an ``index`` carries ``id``, ``type`` and the name)."""
+
+    _omit_if_none = ("index", "id", "type")
+
+    index: int | None = None
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+
+class AssistantMessage(_Response):
+    """``content`` is None when the answer is only tool calls; ``tool_calls`` is left out when none."""
+
+    _omit_if_none = ("tool_calls",)
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallPayload] | None = None
+
+
+#: OpenAI's finish reasons that a choice of this server can have.
+FinishReasonName = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(_Response):
@@ -182,7 +227,7 @@ class ChatChoice(_Response):
     index: int
     message: AssistantMessage
     logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReasonName | None = None
     proxyalign: Provenance | None = None
 
 
@@ -197,10 +242,11 @@ class ChatCompletion(BaseModel):
 
 
 class Delta(_Response):
-    _omit_if_none = ("role", "content")
+    _omit_if_none = ("role", "content", "tool_calls")
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallPayload] | None = None
 
 
 class ChatChunkChoice(_Response):
@@ -209,7 +255,7 @@ class ChatChunkChoice(_Response):
     index: int
     delta: Delta
     logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReasonName | None = None
     proxyalign: TokenProvenance | Provenance | None = None
 
 

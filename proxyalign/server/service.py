@@ -23,19 +23,58 @@ from proxyalign.prompts import prompt_name
 from proxyalign.server.config import ServerConfig
 from proxyalign.server.errors import APIError, proxyalign_error
 from proxyalign.server.metrics import ServerMetrics
-from proxyalign.server.protocol import Provenance, TokenProvenance, Usage
+from proxyalign.server.protocol import (
+    AssistantMessage,
+    Provenance,
+    TokenProvenance,
+    ToolCallPayload,
+    Usage,
+)
 from proxyalign.server.translate import Plan, log_ignored
 
-__all__ = ["GenerationService", "Tracker", "finish_reason", "provenance_of", "usage_of"]
+__all__ = [
+    "GenerationService",
+    "Tracker",
+    "assistant_message",
+    "finish_reason",
+    "provenance_of",
+    "tool_call_pieces",
+    "usage_of",
+]
 
 logger = logging.getLogger("proxyalign.server")
 
 
-def finish_reason(reason: FinishReason | None) -> str | None:
-    """OpenAI's finish reasons: an EOS token or a stop string is ``stop``, the token limit ``length``."""
+def finish_reason(reason: FinishReason | None, generation: Generation | None = None) -> str | None:
+    """OpenAI's finish reasons: an EOS token or a stop string is ``stop``, the token limit ``length``;
+    a choice that ended by itself with tool calls is ``tool_calls`` (the client runs them). A choice cut
+    by the limit stays ``length``, calls or not, so the client knows it is truncated."""
     if reason is None:
         return None
-    return "length" if reason == FinishReason.LENGTH else "stop"
+    if reason == FinishReason.LENGTH:
+        return "length"
+    return "tool_calls" if generation is not None and generation.tool_calls else "stop"
+
+
+def assistant_message(generation: Generation, single_tool_call: bool = False) -> AssistantMessage:
+    """A non-streamed choice's message: the text outside calls, and the calls (only the first with
+    ``parallel_tool_calls: false``); ``content`` is None when there are calls and no text."""
+    calls = generation.tool_calls[:1] if single_tool_call else generation.tool_calls
+    if not calls:
+        return AssistantMessage(content=generation.content)
+    payloads = [ToolCallPayload.model_validate(call.to_openai()) for call in calls]
+    return AssistantMessage(content=generation.content or None, tool_calls=payloads)
+
+
+def tool_call_pieces(chunk: GenerationChunk, single_tool_call: bool = False) -> list[ToolCallPayload] | None:
+    """A streamed chunk's pieces of calls in OpenAI's delta shape (only call 0's with
+    ``parallel_tool_calls: false``), or None when it has none."""
+    pieces = [
+        ToolCallPayload.model_validate(delta.to_openai())
+        for delta in chunk.tool_calls
+        if not single_tool_call or delta.index == 0
+    ]
+    return pieces or None
 
 
 def provenance_of(
@@ -54,6 +93,7 @@ def provenance_of(
         tokens_from_target=stats.tokens_from_target,
         criterion=criterion,
         stop_sequence=generation.stop_sequence,
+        tool_call_errors=[issue.message for issue in generation.tool_call_errors] or None,
     )
 
 
@@ -157,7 +197,9 @@ class GenerationService:
         try:
             stream, prompt_tokens = await asyncio.to_thread(self._prepare, plan)
         except ProxyAlignError as exc:
-            raise proxyalign_error(exc, retry_after_s=self.config.retry_after_s) from None
+            raise proxyalign_error(
+                exc, retry_after_s=self.config.retry_after_s, prompt_field=plan.prompt_field
+            ) from None
         self.metrics.prompt_tokens.inc(prompt_tokens)
         return stream
 
@@ -173,7 +215,7 @@ class GenerationService:
                     400,
                     f"{where} has {request.longest_prompt} tokens; at most {config.max_prompt_tokens} on "
                     "this server",
-                    param="messages" if isinstance(plan.prompts[position], list) else "prompt",
+                    param=plan.prompt_field,
                     code="context_length_exceeded",
                 )
             if reserved_tokens(request) > capacity:

@@ -29,7 +29,14 @@ from proxyalign.server.protocol import (
     Delta,
     new_id,
 )
-from proxyalign.server.service import Tracker, chunk_provenance, finish_reason, provenance_of, usage_of
+from proxyalign.server.service import (
+    Tracker,
+    chunk_provenance,
+    finish_reason,
+    provenance_of,
+    tool_call_pieces,
+    usage_of,
+)
 from proxyalign.server.translate import Plan
 
 __all__ = ["EventStreamResponse", "chat_events", "completion_events", "sse"]
@@ -84,9 +91,9 @@ async def _events(
     piece: Any,
     closing: Any,
 ) -> AsyncIterator[bytes]:
-    """The shared loop: opening events, one event per chunk with text (or tokens, with provenance), the
-    usage event, ``[DONE]``; a failure mid-stream becomes an error event. Counts the request however it
-    ends (a cancelled or closed iteration is a client that disconnected)."""
+    """The shared loop: opening events, one event per chunk that ``piece`` makes one of (None: nothing
+    to send yet), the usage event, ``[DONE]``; a failure mid-stream becomes an error event. Counts the
+    request however it ends (a cancelled or closed iteration is a client that disconnected)."""
     metrics = tracker.service.metrics
     generations: list[Generation | None] = [None] * len(plan.rows)
     outcome = "disconnected"
@@ -99,8 +106,9 @@ async def _events(
             if chunk.generation is not None:
                 generations[chunk.index] = chunk.generation
                 metrics.record_generation(chunk.generation)
-            if chunk.text or chunk.finish_reason is not None or (plan.provenance and chunk.token_ids):
-                yield sse(piece(chunk))
+            event = piece(chunk)
+            if event is not None:
+                yield sse(event)
         if plan.include_usage:
             yield sse(closing(usage_of([g for g in generations if g is not None], plan.n)))
         outcome = "success"
@@ -118,7 +126,8 @@ async def _events(
 def chat_events(
     plan: Plan, tracker: Tracker, stream: AsyncIterator[GenerationChunk], model: str, criterion: str
 ) -> AsyncIterator[bytes]:
-    """``chat.completion.chunk`` events: the assistant role first, then content deltas."""
+    """``chat.completion.chunk`` events: the assistant role first, then content and tool-call deltas
+    (text that may begin a call is held back by the core until it is known not to)."""
     ident, created = new_id("chatcmpl"), int(time.time())
 
     def chunk_of(choices: list[ChatChunkChoice], usage: Any = None) -> ChatCompletionChunk:
@@ -129,11 +138,15 @@ def chat_events(
         for i in range(len(plan.rows))
     ]
 
-    def piece(chunk: GenerationChunk) -> ChatCompletionChunk:
+    def piece(chunk: GenerationChunk) -> ChatCompletionChunk | None:
+        content = chunk.text if chunk.content is None else chunk.content
+        calls = tool_call_pieces(chunk, plan.single_tool_call)
+        if not (content or calls or _must_send(plan, chunk)):
+            return None
         choice = ChatChunkChoice(
             index=chunk.index,
-            delta=Delta(content=chunk.text),
-            finish_reason=finish_reason(chunk.finish_reason),  # type: ignore[arg-type]
+            delta=Delta(content=content or (None if calls else ""), tool_calls=calls),
+            finish_reason=finish_reason(chunk.finish_reason, chunk.generation),  # type: ignore[arg-type]
             proxyalign=_provenance(plan, chunk, criterion),
         )
         return chunk_of([choice])
@@ -147,7 +160,9 @@ def completion_events(
     """``text_completion`` events, one per piece of text."""
     ident, created = new_id("cmpl"), int(time.time())
 
-    def piece(chunk: GenerationChunk) -> CompletionChunk:
+    def piece(chunk: GenerationChunk) -> CompletionChunk | None:
+        if not (chunk.text or _must_send(plan, chunk)):
+            return None
         choice = CompletionChoice(
             index=chunk.index,
             text=chunk.text,
@@ -160,6 +175,12 @@ def completion_events(
         return CompletionChunk(id=ident, created=created, model=model, choices=[], usage=usage)
 
     return _events(plan, tracker, stream, [], piece, closing)
+
+
+def _must_send(plan: Plan, chunk: GenerationChunk) -> bool:
+    """A chunk without new text is still sent when it ends its choice, or carries tokens whose
+    provenance was asked for (concatenated, the chunks' sources are the choice's)."""
+    return chunk.finish_reason is not None or bool(plan.provenance and chunk.token_ids)
 
 
 def _provenance(plan: Plan, chunk: GenerationChunk, criterion: str) -> Any:

@@ -1,11 +1,13 @@
 """OpenAI request → proxyalign call: prompts, options and what to send back.
 
 The hybrid honours ``temperature``, ``top_p``, ``max_tokens``/``max_completion_tokens``, ``stop``,
-``seed``, ``n`` and ``user`` (only logged); proxyalign's own options come as extensions. A parameter it
-cannot honour (``logprobs``, penalties, tools ...) is refused with a 400 naming it, unless its value is
-the one that changes nothing (``presence_penalty: 0``, ``logprobs: false``; clients often send those) or
-the server was started with ``--ignore-unsupported``. Everything else is checked by proxyalign's own
-validation (:func:`proxyalign.settings.check_options`), so the server and the Python API agree.
+``seed``, ``n``, ``user`` (only logged), ``response_format`` and, in chat, ``tools``, ``tool_choice``,
+``parallel_tool_calls`` and tool turns; proxyalign's own options come as extensions. A parameter it
+cannot honour (``logprobs``, penalties ...) is refused with a 400 naming it, unless its value is the one
+that changes nothing (``presence_penalty: 0``, ``logprobs: false``; clients often send those) or the
+server was started with ``--ignore-unsupported``. Everything else is checked by proxyalign's own
+validation (:func:`proxyalign.settings.check_options`, the tools and grammar checks), so the server and
+the Python API agree.
 """
 
 from __future__ import annotations
@@ -39,12 +41,11 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, 0, False),
     "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
-    "tools": (None, []),
+    "tools": (None, []),  # /v1/completions only: chat takes tools
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None, True, False),  # inert without tools
-    "functions": (None, []),
+    "functions": (None, []),  # OpenAI's deprecated function calling: use tools
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),
@@ -62,7 +63,13 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 #: Chat roles the hybrid takes, and what OpenAI's newer names mean here.
-_ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLE_NAMES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class Plan:
     provenance: bool
     user: str | None = None
     ignored: list[str] = field(default_factory=list)
+    single_tool_call: bool = False  #: ``parallel_tool_calls: false``: answer each choice's first call only
 
     @property
     def rows(self) -> list[Prompt]:
@@ -84,8 +92,25 @@ class Plan:
         with a ``seed``, row ``i`` samples with ``derive_seed(seed, i)``, so choices differ."""
         return [prompt for prompt in self.prompts for _ in range(self.n)]
 
+    @property
+    def prompt_field(self) -> str:
+        """The request field that holds the prompts, for errors about them."""
+        return "messages" if isinstance(self.prompts[0], list) else "prompt"
+
+
+#: Why a refused parameter has a better place, added to its 400.
+_HINTS: dict[str, str] = {
+    "tools": "tools are taken by /v1/chat/completions",
+    "tool_choice": "tools are taken by /v1/chat/completions",
+    "parallel_tool_calls": "tools are taken by /v1/chat/completions",
+    "functions": "this is OpenAI's deprecated function calling; send tools instead",
+    "function_call": "this is OpenAI's deprecated function calling; send tool_choice instead",
+}
+
 
 def _check_unsupported(body: GenerationRequest, config: ServerConfig) -> list[str]:
+    """The unknown or unsupported parameters to ignore (``--ignore-unsupported``); else the first one
+    whose value would change something is refused."""
     ignored = []
     for name, value in (body.model_extra or {}).items():
         neutral = NEUTRAL_VALUES.get(name)
@@ -94,23 +119,29 @@ def _check_unsupported(body: GenerationRequest, config: ServerConfig) -> list[st
         if config.ignore_unsupported:
             ignored.append(name)
             continue
-        if neutral is None:
-            raise APIError(
-                400,
-                f"unknown parameter {name!r}; proxyalign takes OpenAI's temperature, top_p, max_tokens, "
-                "max_completion_tokens, stop, seed, n, user, stream, stream_options and its own criterion, "
-                "criterion_params, criterion_on, mode, gamma, top_k, provenance",
-                param=name,
-                code="unknown_parameter",
-            )
-        raise APIError(
-            400,
-            f"parameter {name!r} is not supported by the proxyalign hybrid (got {_json(value)}); leave it "
-            f"out or send {_json(neutral[-1])} (a server started with --ignore-unsupported ignores it)",
-            param=name,
-            code="unsupported_parameter",
-        )
+        raise _refusal(body, name, value, neutral)
     return ignored
+
+
+def _refusal(body: GenerationRequest, name: str, value: Any, neutral: tuple[Any, ...] | None) -> APIError:
+    """The 400 for a parameter this endpoint does not take: unknown, or unsupported (naming the value
+    that would be accepted, and a better place for it when there is one)."""
+    if neutral is None:
+        known = ", ".join(f for f in type(body).model_fields if f != "model")
+        return APIError(
+            400,
+            f"unknown parameter {name!r}; this endpoint takes {known}",
+            param=name,
+            code="unknown_parameter",
+        )
+    hint = f"{_HINTS[name]}; " if name in _HINTS else ""
+    return APIError(
+        400,
+        f"parameter {name!r} is not supported by this endpoint (got {_json(value)}); {hint}leave it out "
+        f"or send {_json(neutral[-1])} (a server started with --ignore-unsupported ignores it)",
+        param=name,
+        code="unsupported_parameter",
+    )
 
 
 def _json(value: Any) -> str:
@@ -170,6 +201,7 @@ def _common(body: GenerationRequest, config: ServerConfig) -> tuple[int, dict[st
         "criterion_on": body.criterion_on,
         "mode": body.mode,
         "gamma": body.gamma,
+        "response_format": body.response_format,
     }
     options = {key: value for key, value in options.items() if value is not None}
     stream = bool(body.stream)
@@ -181,47 +213,84 @@ def _common(body: GenerationRequest, config: ServerConfig) -> tuple[int, dict[st
     return n, options, stream, include_usage, provenance
 
 
-def _message(message: ChatMessage, index: int) -> dict[str, str]:
-    where = f"messages[{index}]"
+def _text(content: str | list[dict[str, Any]], where: str) -> str:
+    """A message's content as text: a string, or its ``text`` parts joined by newlines."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for number, part in enumerate(content):
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(
+                400,
+                f"{where}.content[{number}] is a {part.get('type')!r} part; only text parts "
+                "({'type': 'text', 'text': ...}) are supported",
+                param=f"{where}.content[{number}]",
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _role(message: ChatMessage, where: str) -> str:
+    """The message's role as the aligner names it; refuses what OpenAI has deprecated (function
+    messages and calls) and calls on a message that cannot make them."""
     role = _ROLE_NAMES.get(message.role)
     if role is None:
         raise APIError(
             400,
-            f"{where}.role is {message.role!r}; the hybrid takes system, developer, user and assistant "
-            "messages (no tool or function messages)",
+            f"{where}.role is {message.role!r}; the hybrid takes system, developer, user, assistant and "
+            "tool messages (for OpenAI's deprecated function messages, send tool messages)",
             param=f"{where}.role",
         )
-    extra = message.model_extra or {}
-    for key in ("tool_calls", "function_call"):
-        if extra.get(key):
-            raise APIError(400, f"{where}.{key}: tool calls are not supported", param=f"{where}.{key}")
-    content = message.content
-    if content is None:
+    if (message.model_extra or {}).get("function_call"):
+        raise APIError(
+            400,
+            f"{where}.function_call is OpenAI's deprecated form; send the call as tool_calls",
+            param=f"{where}.function_call",
+        )
+    if message.tool_calls and role != "assistant":
+        raise APIError(
+            400, f"{where}.tool_calls: only assistant messages carry tool calls", param=f"{where}.tool_calls"
+        )
+    return role
+
+
+def _message(message: ChatMessage, index: int) -> dict[str, Any]:
+    """One OpenAI message as the aligner takes it; the shape of tool calls and tool results is checked
+    by the core (which renders them through each model's template)."""
+    where = f"messages[{index}]"
+    out: dict[str, Any] = {"role": _role(message, where), "content": None}
+    if message.content is not None:
+        out["content"] = _text(message.content, where)
+    elif not message.tool_calls:
         raise APIError(400, f"{where}.content is missing; give the message's text", param=f"{where}.content")
-    if isinstance(content, list):
-        texts = []
-        for number, part in enumerate(content):
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(
-                    400,
-                    f"{where}.content[{number}] is a {part.get('type')!r} part; only text parts "
-                    "({'type': 'text', 'text': ...}) are supported",
-                    param=f"{where}.content[{number}]",
-                )
-            texts.append(part["text"])
-        content = "\n".join(texts)
-    return {"role": role, "content": content}
+    if message.tool_calls:
+        out["tool_calls"] = message.tool_calls
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _tool_options(body: ChatCompletionRequest) -> dict[str, Any]:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` for the aligner, which checks them (names,
+    schemas) before decoding; a forced choice with ``parallel_tool_calls: false`` is constrained to one
+    call there (with ``auto`` the answer is cut to its first call here)."""
+    options = {"tools": body.tools, "tool_choice": body.tool_choice}
+    if body.tools and body.parallel_tool_calls is False:
+        options["parallel_tool_calls"] = False
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def plan_chat(body: ChatCompletionRequest, config: ServerConfig) -> Plan:
     """A chat request's plan: its messages go to the aligner as one chat prompt (each model applies its
-    own prompt format, e.g. q*'s chat template)."""
+    own prompt format, e.g. q*'s chat template, with the tools)."""
     ignored = _check_unsupported(body, config)
     if not body.messages:
         raise APIError(400, "messages is empty; give at least one message", param="messages")
     messages = [_message(m, i) for i, m in enumerate(body.messages)]
     n, options, stream, usage, provenance = _common(body, config)
-    return Plan([messages], n, options, stream, usage, provenance, body.user, ignored)
+    options.update(_tool_options(body))
+    single = body.parallel_tool_calls is False
+    return Plan([messages], n, options, stream, usage, provenance, body.user, ignored, single)
 
 
 def plan_completion(body: CompletionRequest, config: ServerConfig) -> Plan:
