@@ -6,6 +6,7 @@ tests are skipped with that instruction.
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -120,3 +121,46 @@ def test_a_request_joining_a_running_batch_decodes_as_alone():
         assert joined == alone[1]
     finally:
         pa.close()
+
+
+def test_a_schema_constrained_answer_parses_and_a_forced_call_names_its_tool(pair):
+    """Structured output and a forced tool call through the hybrid on real weights, speculative mode
+    (drafts advance the grammar, rejected ones roll back)."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "answer": {"type": "integer"},
+            "steps": {"type": "array", "items": {"type": "string", "maxLength": 60}, "maxItems": 3},
+        },
+        "required": ["answer", "steps"],
+        "additionalProperties": False,
+    }
+    question = [
+        {"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples? Answer in JSON."}
+    ]
+    (gen,) = pair.generate(
+        [question],
+        max_new_tokens=120,
+        temperature=0,
+        mode="speculative",
+        response_format={"type": "json_schema", "json_schema": {"name": "solution", "schema": schema}},
+    )
+    value = json.loads(gen.text)
+    assert set(value) == {"answer", "steps"} and isinstance(value["answer"], int)
+    calculator = {
+        "type": "function",
+        "function": {
+            "name": "calculator",
+            "description": "Evaluate an arithmetic expression.",
+            "parameters": {
+                "type": "object",
+                "properties": {"expression": {"type": "string"}},
+                "required": ["expression"],
+            },
+        },
+    }
+    (call,) = pair.generate(
+        [question], max_new_tokens=60, temperature=0, tools=[calculator], tool_choice="calculator"
+    )
+    assert [c.name for c in call.tool_calls] == ["calculator"] and call.content == ""
+    assert set(call.tool_calls[0].parsed_arguments) == {"expression"}
