@@ -10,6 +10,7 @@ from proxyalign.criteria.base import Criterion, CriterionKind, Param, TargetCrit
 from proxyalign.engine.results import FinishReason, Generation, GenerationChunk, GenerationStats, Source
 from proxyalign.engine.scheduler import SchedulerConfig
 from proxyalign.errors import (
+    ConstraintError,
     CriterionError,
     EngineClosedError,
     InvalidParameterError,
@@ -25,6 +26,7 @@ from proxyalign.plugins import get_criterion, list_criteria, reload_registry
 
 __all__ = [
     "Criterion",
+    "ConstraintError",
     "CriterionError",
     "CriterionKind",
     "EngineClosedError",
