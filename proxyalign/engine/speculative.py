@@ -93,6 +93,7 @@ class SpeculativeLane(Lane):
         limit = torch.tensor(gammas, device=self.device)
         errors: dict[int, Exception] = {}
         checks: list[tuple[Group, Checked]] = []
+        self.allowed = None  # set per position by _draft when rows are constrained
         steps, drafts, masks = self._draft(g, u, errors)
         p_all, q_all = self._score(drafts, g, masks)
         q_star = Dists.stack(steps) if g else None
