@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 from proxyalign import ProxyAligner
-from proxyalign.testing import REAL_PAIR, real_pair_dirs, tiny_aligner
+from proxyalign.testing import REAL_PAIR, real_pair_dirs, tiny_aligner, tiny_chat_aligner
 from proxyalign.testing.fixtures import TINY_NAMES, count_calls, one_torch_thread, tiny  # noqa: F401
 
 NAMES = TINY_NAMES
@@ -23,6 +23,18 @@ SKIP_REAL = "real offline pair not fetched: run `proxyalign models fetch qwen2.5
 def tiny_long() -> ProxyAligner:
     """Tiny models with a 4096-token window: LlamaIndex's prompt templates alone exceed 256 tokens."""
     aligner = tiny_aligner(names=NAMES)
+    for model in aligner.models.values():
+        model.config.max_position_embeddings = 4096
+    return aligner
+
+
+@pytest.fixture(scope="module")
+def tiny_tools() -> ProxyAligner:
+    """Tiny random models over the real pair's tokenizer and chat template (Hermes ``<tool_call>`` blocks),
+    with a 4096-token window for tool prompts; skipped when the real pair is not fetched."""
+    aligner = tiny_chat_aligner()
+    if aligner is None:
+        pytest.skip(SKIP_REAL)
     for model in aligner.models.values():
         model.config.max_position_embeddings = 4096
     return aligner

@@ -8,12 +8,11 @@ from typing import Any
 import pytest
 from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRole, TextBlock
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
-from llama_index.core.llms import CustomLLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.prompts import PromptTemplate
 from proxyalign import GenerationConfig, ProxyAligner
 from proxyalign.prompts import tokenize_prompt
 from proxyalign.testing import tiny_aligner, tiny_model, tiny_tokenizer
-from pydantic import BaseModel
 
 from llama_index.llms.proxyalign import ProxyAlign
 
@@ -33,14 +32,14 @@ def engine_text(aligner: ProxyAligner, prompt: Any, **kwargs: Any) -> str:
     return aligner.generate([prompt], **{"max_new_tokens": 8, "temperature": 0, **kwargs})[0].text
 
 
-def test_is_a_custom_llm_with_correct_metadata(tiny: ProxyAligner) -> None:
+def test_is_a_function_calling_llm_with_correct_metadata(tiny: ProxyAligner) -> None:
     llm = make(tiny)
-    assert isinstance(llm, CustomLLM)
+    assert isinstance(llm, FunctionCallingLLM)
     meta = llm.metadata
     assert meta.context_window == 256  # both tiny models are built for 256 positions
     assert meta.num_output == 8
     assert meta.model_name == "tiny-base+tiny-aligned"
-    assert meta.is_chat_model and not meta.is_function_calling_model
+    assert meta.is_chat_model and meta.is_function_calling_model
     assert make(tiny, context_window=100).metadata.context_window == 100
     assert ProxyAlign(aligner=tiny).metadata.num_output == tiny.defaults.max_new_tokens
 
@@ -229,20 +228,8 @@ def test_built_from_paths_loads_each_pair_once(tmp_path: Any) -> None:
     assert set(second.complete(PROMPT).raw["token_sources"]) == {"base"}
 
 
-class Answer(BaseModel):
-    text: str
-
-
-def test_unsupported_features_and_bad_arguments_fail_clearly(tiny: ProxyAligner) -> None:
+def test_unsupported_inputs_and_bad_arguments_fail_clearly(tiny: ProxyAligner) -> None:
     llm = make(tiny)
-    with pytest.raises(NotImplementedError, match="structured output"):
-        llm.structured_predict(Answer, PromptTemplate("w5"))
-    with pytest.raises(NotImplementedError, match="structured output"):
-        llm.as_structured_llm(Answer)
-    with pytest.raises(NotImplementedError, match="tool calling"):
-        llm.predict_and_call([], "w5")
-    with pytest.raises(NotImplementedError, match="tool calling"):
-        llm.chat([ChatMessage(role=MessageRole.TOOL, content="w5")])
     with pytest.raises(NotImplementedError, match="text only"):
         llm.chat(
             [
