@@ -16,6 +16,8 @@ from langchain_core.language_models.base import LangSmithParams
 from proxyalign import GenerationChunk, adapters
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from langchain_proxyalign import _deadline
+
 #: Call kwargs LangChain itself consumes before (or while) calling us.
 IGNORED_CALL_KWARGS = frozenset({"stream"})
 #: LangChain's name for the engine's ``max_new_tokens`` (the OpenAI spelling).
@@ -132,13 +134,29 @@ class ProxyAlignSettings(BaseModel):
         """One engine chunk as this class's LangChain chunk (each class defines its own)."""
         raise NotImplementedError
 
+    def _engine_stream(self, prompt: Any, call: adapters.EngineCall) -> Iterator[GenerationChunk]:
+        """The engine's stream of ``prompt``, within the call's ``timeout`` when it has one (the request
+        is checked and tokenized here, in the caller's thread, either way)."""
+        timeout = getattr(call, "timeout", None)
+        if timeout is None:
+            return self.aligner.stream(prompt, **call.kwargs)
+        requests = self.aligner.requests([prompt], **call.kwargs)
+        owner = type(self).__name__
+        return _deadline.stream(lambda: self.aligner.astream_requests(requests), timeout, owner)
+
+    def _engine_astream(self, prompt: Any, call: adapters.EngineCall) -> AsyncIterator[GenerationChunk]:
+        """:meth:`_engine_stream` for asyncio."""
+        chunks = self.aligner.astream(prompt, **call.kwargs)
+        timeout = getattr(call, "timeout", None)
+        return chunks if timeout is None else _deadline.astream(chunks, timeout, type(self).__name__)
+
     def _pieces(
         self, prompt: Any, call: adapters.EngineCall, run_manager: CallbackManagerForLLMRun | None = None
     ) -> Iterator[Any]:
         """The engine's stream of ``prompt`` as LangChain chunks, each also sent to ``run_manager`` when
         given (an ``LLM`` reports its own tokens; a chat model's ``stream`` reports them for it).
         Closing this generator aborts the request."""
-        with closing(adapters.coalesce(self.aligner.stream(prompt, **call.kwargs))) as chunks:
+        with closing(adapters.coalesce(self._engine_stream(prompt, call))) as chunks:
             for chunk in chunks:
                 piece = self._chunk(chunk, call)
                 if run_manager:
@@ -152,7 +170,7 @@ class ProxyAlignSettings(BaseModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
     ) -> AsyncIterator[Any]:
         """:meth:`_pieces` on the engine's async stream."""
-        async with aclosing(adapters.acoalesce(self.aligner.astream(prompt, **call.kwargs))) as chunks:
+        async with aclosing(adapters.acoalesce(self._engine_astream(prompt, call))) as chunks:
             async for chunk in chunks:
                 piece = self._chunk(chunk, call)
                 if run_manager:

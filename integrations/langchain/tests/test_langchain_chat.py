@@ -10,7 +10,7 @@ import pytest
 from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.globals import set_llm_cache
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, FunctionMessage, HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from proxyalign import ProxyAligner
@@ -291,17 +291,13 @@ def test_lcel_chain(tiny: ProxyAligner) -> None:
     assert chain.batch([{"question": "w5 w6"}, {"question": "w7"}])[0] == expected
 
 
-def test_unsupported_features_raise_not_implemented(tiny: ProxyAligner) -> None:
+def test_unsupported_inputs_raise(tiny: ProxyAligner) -> None:
     chat = make(tiny)
-    with pytest.raises(NotImplementedError, match="tool calling"):
-        chat.bind_tools([])
-    with pytest.raises(NotImplementedError, match="structured output"):
-        chat.with_structured_output({"title": "x", "type": "object", "properties": {}})
-    with pytest.raises(NotImplementedError, match="tool calling"):
-        chat.invoke([HumanMessage("w5"), ToolMessage("w6", tool_call_id="1")])
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     with pytest.raises(NotImplementedError, match="text only"):
         chat.invoke([HumanMessage(content=[{"type": "text", "text": "w5"}, image])])
+    with pytest.raises(NotImplementedError, match="ToolMessage"):
+        chat.invoke([HumanMessage("w5"), FunctionMessage("w6", name="f")])
     with pytest.raises(ValueError, match="cannot switch models"):
         chat.invoke("w5", model="other")
 

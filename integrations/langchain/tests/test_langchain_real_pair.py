@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
-from langchain_core.messages import HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from proxyalign import ProxyAligner
+from pydantic import BaseModel
 
 from langchain_proxyalign import ChatProxyAlign, ProxyAlignLLM
 
@@ -39,3 +45,49 @@ def test_text_llm_on_the_real_pair(real_aligner: ProxyAligner) -> None:
     assert generation.generation_info["criterion"] == "nudging"
     assert result.llm_output["token_usage"]["completion_tokens"] <= 4
     assert llm.get_num_tokens("def add(a, b):") == len(real_aligner.tokenizer.encode("def add(a, b):"))
+
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "agent_calculator.py"
+
+
+def agent_example() -> ModuleType:
+    """examples/agent_calculator.py, imported: the test runs the example's own agent."""
+    spec = importlib.util.spec_from_file_location("agent_calculator", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = sys.modules["agent_calculator"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_create_agent_calls_the_calculator_and_uses_its_result(real_aligner: ProxyAligner) -> None:
+    pytest.importorskip(
+        "langchain.agents", reason="needs langchain: pip install -e 'integrations/langchain[agents]'"
+    )
+    example = agent_example()
+    agent = example.build_agent(real_aligner, "confidence_bet", max_tokens=60)
+    question = "A crate holds 23 rows of 47 apples. How many apples are in the crate?"
+    state = agent.invoke({"messages": [HumanMessage(question)]}, config={"recursion_limit": 8})
+    messages = state["messages"]
+    calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
+    results = [m.text for m in messages if isinstance(m, ToolMessage)]
+    assert calls and calls[0]["name"] == "calculator", messages
+    assert "1081" in results, messages
+    final = messages[-1]
+    assert isinstance(final, AIMessage) and not final.tool_calls
+    assert "1081" in final.text.replace(",", ""), final.text
+
+
+class Capital(BaseModel):
+    """A country's capital city."""
+
+    country: str
+    capital: str
+
+
+def test_schema_constrained_structured_output(real_aligner: ProxyAligner) -> None:
+    chat = ChatProxyAlign(aligner=real_aligner, max_tokens=40, temperature=0)
+    out = chat.with_structured_output(Capital, include_raw=True).invoke("What is the capital of France?")
+    assert out["parsing_error"] is None, out["raw"].content
+    assert isinstance(out["parsed"], Capital)
+    assert out["parsed"].capital == "Paris"
+    assert Capital.model_validate_json(out["raw"].content) == out["parsed"]
