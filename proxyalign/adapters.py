@@ -50,9 +50,8 @@ __all__ = [
 #: Common names for engine arguments (OpenAI/LangChain ``max_tokens``).
 ALIASES = {"max_tokens": "max_new_tokens"}
 #: Call kwargs of features the hybrid does not offer: fail loudly rather than silently ignore them.
-UNSUPPORTED_CALL_KWARGS = frozenset(
-    {"tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format"}
-)
+#: OpenAI's legacy function-calling arguments (``tools``/``tool_choice`` replaced them, and are forwarded).
+UNSUPPORTED_CALL_KWARGS = frozenset({"functions", "function_call"})
 #: Engine settings every adapter declares as a field of its own, in engine names (LangChain's field for
 #: ``max_new_tokens`` is ``max_tokens``). ``engine_kwargs`` carries any other ``generate`` option.
 SETTING_FIELDS = (
@@ -267,8 +266,8 @@ def engine_call(
             continue
         if key in UNSUPPORTED_CALL_KWARGS:
             raise NotImplementedError(
-                f"{owner} does not support tool calling or structured output (got {key!r}): "
-                "the hybrid decoder produces plain text only"
+                f"{owner} does not support OpenAI's legacy {key!r} argument; pass tools=[...] and "
+                "tool_choice=... instead"
             )
         if key == "model":
             raise ValueError(
@@ -363,7 +362,7 @@ class _Folder:
     def fold(self, chunk: GenerationChunk) -> GenerationChunk | None:
         token_ids, sources = self.pending.pop(chunk.index, ([], []))
         token_ids, sources = token_ids + chunk.token_ids, sources + chunk.sources
-        if not chunk.text and chunk.generation is None:
+        if not chunk.text and not chunk.tool_calls and chunk.generation is None:
             self.pending[chunk.index] = (token_ids, sources)
             return None
         return dataclasses.replace(chunk, token_ids=token_ids, sources=sources)

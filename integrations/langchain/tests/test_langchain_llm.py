@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
-from proxyalign import ProxyAligner
+from proxyalign import InvalidParameterError, ProxyAligner
 from proxyalign.testing import tiny_model, tiny_tokenizer
 
 from langchain_proxyalign import ProxyAlignLLM
@@ -184,8 +184,10 @@ def test_bad_arguments_fail_clearly(tiny: ProxyAligner) -> None:
         llm.invoke(PROMPT, temprature=0.5)
     with pytest.raises(ValueError, match="cannot switch models"):
         llm.invoke(PROMPT, model="gpt-4")
-    with pytest.raises(NotImplementedError, match="tool calling"):
-        llm.invoke(PROMPT, tools=[{"name": "x"}])
+    with pytest.raises(NotImplementedError, match="legacy 'functions'"):
+        llm.invoke(PROMPT, functions=[{"name": "x"}])
+    with pytest.raises(InvalidParameterError, match=r"tools\[0\]"):
+        llm.invoke(PROMPT, tools=[{"name": "x"}])  # tools go to the engine, which checks them
     with pytest.raises(ValueError, match="aligner"):
         ProxyAlignLLM()
     with pytest.raises(ValueError):

@@ -48,8 +48,6 @@ if TYPE_CHECKING:
 __all__ = ["ProxyAlign", "to_engine_messages"]
 
 dispatcher = instrument.get_dispatcher(__name__)
-#: Per-call options the engine takes that ``adapters.engine_call`` still refuses for every adapter.
-_OUTPUT_OPTIONS = ("tools", "tool_choice", "response_format")
 
 
 class ProxyAlign(FunctionCallingLLM):
@@ -147,10 +145,7 @@ class ProxyAlign(FunctionCallingLLM):
     def _call(self, kwargs: dict[str, Any]) -> adapters.EngineCall:
         """The engine arguments of one call; tools and output formats are passed on as given (the engine
         checks them before decoding)."""
-        rest = dict(kwargs)
-        output = {k: v for k in _OUTPUT_OPTIONS if (v := rest.pop(k, None)) is not None}
-        call = adapters.engine_call(self._aligner, self._instance_settings(), rest, owner="ProxyAlign")
-        return adapters.EngineCall({**call.kwargs, **output}, call.criterion) if output else call
+        return adapters.engine_call(self._aligner, self._instance_settings(), kwargs, owner="ProxyAlign")
 
     def _chat_native(self) -> bool:
         """Chats reach the aligned model as messages (its chat template) unless it takes plain text."""
