@@ -200,6 +200,19 @@ def test_a_forced_tool_choice_yields_calls_that_fit_their_schema(chat, mode, cho
     assert sum(g.finish_reason == "eos" for g in gens) >= 2
 
 
+def test_auto_with_a_response_format_answers_in_calls_or_in_the_format(chat):
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    gens = chat.generate(
+        [messages] * 6, max_new_tokens=60, seed=2, tools=TOOLS, response_format={"type": "json_object"}
+    )
+    finished = [g for g in gens if g.finish_reason == "eos"]
+    assert finished
+    for g in finished:
+        assert g.tool_calls or isinstance(json.loads(g.text), dict), g.text
+    with pytest.raises(InvalidParameterError, match="cannot be combined with tools"):
+        chat.generate(PROMPT, tools=TOOLS, response_format={"type": "lark", "grammar": 'start: "a"'})
+
+
 def test_parallel_tool_calls_false_forces_exactly_one_call(chat):
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
     gens = chat.generate(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +140,7 @@ class GrammarCompiler:
         response_format: Any = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: str | None = None,
-        call_block: Any = None,
+        call_block: Callable[[str, Callable[[str], str]], str | None] | None = None,
         parallel_tool_calls: bool = True,
     ) -> Grammar | None:
         """The grammar of a call's output, or None when nothing constrains it.
@@ -158,7 +158,7 @@ class GrammarCompiler:
         calls = None
         if tools and tool_choice != "none" and (forced or answer is not None):
             name = None if tool_choice in ("required", "auto") else tool_choice
-            block = call_block("call_json", self.literal)
+            block = call_block("call_json", self.literal) if call_block is not None else None
             if block is None:
                 raise InvalidParameterError(
                     f"tool_choice={tool_choice!r} needs a tool-call format that can be constrained; "
