@@ -42,16 +42,18 @@ INSTRUCTION = "Solve this math word problem step by step, then give the final an
 class Step(BaseModel):
     """One step of a worked solution."""
 
-    description: str = Field(description="what this step computes")
-    expression: str = Field(description="the arithmetic expression, e.g. '3 * 4'")
+    description: str = Field(description="what this step computes", max_length=120)
+    expression: str = Field(description="the arithmetic expression, e.g. '3 * 4'", max_length=80)
     value: float = Field(description="the expression's value")
 
 
 class Solution(BaseModel):
     """A worked solution to a word problem."""
 
-    question: str = Field(description="the question, restated briefly")
-    steps: list[Step] = Field(description="the steps of the solution, in order")
+    # Bounded, as the grammar then enforces: left free, the model restates the whole problem, and now
+    # and then lists steps until the token limit (2 of 50 at 768 tokens).
+    question: str = Field(description="the question, restated briefly", max_length=120)
+    steps: list[Step] = Field(description="the steps of the solution, in order", max_length=8)
     answer: float = Field(description="the final answer")
 
 
@@ -60,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calls", type=int, default=50, help="GSM8K questions, one call each")
     parser.add_argument("--criterion", default=DEFAULT_CRITERION, help="'base', 'aligned' or a hybrid's")
     parser.add_argument("--method", default="json_schema", choices=["json_schema", "function_calling"])
-    parser.add_argument("--max-tokens", type=int, default=384, help="new tokens per call")
+    parser.add_argument("--max-tokens", type=int, default=768, help="new tokens per call")
     parser.add_argument("--concurrency", type=int, default=16, help="calls decoding at once")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default=None, help="e.g. cuda; default: the loader's choice")
