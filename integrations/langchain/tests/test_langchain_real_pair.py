@@ -11,6 +11,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_tests.integration_tests import ChatModelIntegrationTests
 from proxyalign import ProxyAligner
 from pydantic import BaseModel
 
@@ -91,3 +92,32 @@ def test_schema_constrained_structured_output(real_aligner: ProxyAligner) -> Non
     assert isinstance(out["parsed"], Capital)
     assert out["parsed"].capital == "Paris"
     assert Capital.model_validate_json(out["raw"].content) == out["parsed"]
+
+
+class _RealPairAnswers(ChatModelIntegrationTests):
+    """LangChain's standard integration tests that check what the model *answers* (the tiny random
+    models can only give well-formed but arbitrary calls and JSON there), run on the real pair."""
+
+    def __init__(self, aligner: ProxyAligner) -> None:
+        self._aligner = aligner
+
+    @property
+    def chat_model_class(self) -> type[ChatProxyAlign]:
+        return ChatProxyAlign
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"aligner": self._aligner, "temperature": 0, "max_tokens": 96}
+
+    has_tool_calling = True
+    has_tool_choice = True
+    has_structured_output = True
+    supports_json_mode = True
+
+
+@pytest.mark.parametrize(
+    "name", ["test_tool_calling", "test_unicode_tool_call_integration", "test_json_mode"]
+)
+def test_standard_answer_checks_on_the_real_pair(real_aligner: ProxyAligner, name: str) -> None:
+    suite = _RealPairAnswers(real_aligner)
+    getattr(suite, name)(suite.chat_model_class(**suite.chat_model_params))
