@@ -25,8 +25,8 @@ from proxyalign.hookspecs import hookimpl
 from proxyalign.plugins import get_criterion, list_criteria, reload_registry
 
 __all__ = [
-    "Criterion",
     "ConstraintError",
+    "Criterion",
     "CriterionError",
     "CriterionKind",
     "EngineClosedError",
