@@ -310,3 +310,11 @@ def test_a_token_the_grammar_refuses_is_a_constraint_error_naming_the_parameter(
     row = RowConstraint(pa.grammars.output_grammar(DIGITS))
     error = row.advance([pa.tokenizer.convert_tokens_to_ids("a")])
     assert isinstance(error, proxyalign.errors.ConstraintError) and "response_format" in str(error)
+
+
+def test_a_tokenizer_that_cannot_spell_any_text_is_refused_clearly():
+    """The word-level test tokenizer has no byte tokens: no grammar can be enforced with it."""
+    from proxyalign.testing import tiny_aligner
+
+    with pytest.raises(InvalidParameterError, match="tokenizer that can spell any text"):
+        tiny_aligner().generate("w5", response_format=DIGITS, max_new_tokens=2)

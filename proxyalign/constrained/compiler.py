@@ -27,7 +27,7 @@ from llguidance.torch import fill_next_token_bitmask
 from proxyalign.constrained.formats import json_rule, response_format_lark, tool_call_schema
 from proxyalign.errors import InvalidParameterError
 
-__all__ = ["Grammar", "GrammarCompiler", "allowed_bits", "count_allowed"]
+__all__ = ["Grammar", "GrammarCompiler", "allowed_bits", "any_allowed"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,39 +50,13 @@ def allowed_bits(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :vocab_size].bool()
 
 
-def count_allowed(matcher: llguidance.LLMatcher, words: int, vocab_size: int) -> int:
-    """How many of the first ``vocab_size`` tokens the matcher allows next (for checks, not the loop)."""
-    bitmask = torch.zeros((1, words), dtype=torch.int32)
-    fill_next_token_bitmask(matcher, bitmask, 0)
-    return int(allowed_bits(bitmask, vocab_size).sum())
-
-
-class _TokenList:
-    """llguidance's generic tokenizer interface, for tokenizers its Hugging Face reader cannot parse
-    (e.g. word-level ones): each token is the text it decodes to."""
-
-    def __init__(self, tokenizer: Any, n_vocab: int, eos_ids: Collection[int]) -> None:
-        self.eos_token_id = min(eos_ids) if eos_ids else tokenizer.eos_token_id
-        self.bos_token_id = tokenizer.bos_token_id
-        self.tokens = [tokenizer.decode([i]).encode("utf-8") for i in range(n_vocab)]
-        self.special_token_ids = list(tokenizer.all_special_ids)
-        self._ids = {token: i for i, token in enumerate(self.tokens) if i not in set(self.special_token_ids)}
-        self._longest = max((len(t) for t in self._ids), default=1)
-
-    def __call__(self, text: str | bytes) -> list[int]:
-        """Greedy longest match over the token texts: the only tokenization such a list defines."""
-        data = text.encode("utf-8") if isinstance(text, str) else text
-        ids, at = [], 0
-        while at < len(data):
-            for size in range(min(self._longest, len(data) - at), 0, -1):
-                token = self._ids.get(data[at : at + size])
-                if token is not None:
-                    ids.append(token)
-                    at += size
-                    break
-            else:
-                break  # no token spells these bytes
-        return ids
+def any_allowed(words: torch.Tensor, vocab_size: int) -> bool:
+    """Whether one row's packed mask allows any token id below ``vocab_size`` (on the host, without
+    unpacking): a grammar may allow only ids beyond the tokenizer's real vocabulary, which no model emits."""
+    full, rest = divmod(vocab_size, 32)
+    if bool(words[:full].any()):
+        return True
+    return bool(rest) and bool(int(words[full]) & ((1 << rest) - 1))
 
 
 class GrammarCompiler:
@@ -99,18 +73,22 @@ class GrammarCompiler:
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
-        """llguidance's tokenizer, built on first use (once, however many threads ask)."""
+        """llguidance's tokenizer, built on first use (once, however many threads ask).
+
+        Grammars need a vocabulary that can spell any text byte by byte (byte-level BPE, SentencePiece
+        with byte fallback); a tokenizer llguidance cannot read that way is refused clearly.
+        """
         with self._lock:
             if self._tokenizer is None:
-                eos = self.eos_ids or None
                 try:
                     self._tokenizer = llguidance.hf.from_tokenizer(
-                        self.hf_tokenizer, n_vocab=self.n_vocab, eos_token=eos
+                        self.hf_tokenizer, n_vocab=self.n_vocab, eos_token=self.eos_ids or None
                     )
-                except ValueError:  # a tokenizer type llguidance does not read: list its tokens
-                    tokens = _TokenList(self.hf_tokenizer, self.n_vocab, self.eos_ids)
-                    wrapper = llguidance.TokenizerWrapper(tokens)
-                    self._tokenizer = llguidance.LLTokenizer(wrapper, n_vocab=self.n_vocab, eos_token=eos)
+                except ValueError as exc:
+                    raise InvalidParameterError(
+                        "response_format and forced tool_choice need a tokenizer that can spell any text "
+                        f"(byte-level BPE or SentencePiece); this one cannot be read as such ({exc})"
+                    ) from None
             return self._tokenizer
 
     def literal(self, text: str) -> str:
@@ -130,7 +108,9 @@ class GrammarCompiler:
             raise InvalidParameterError(f"{what} cannot be compiled into a grammar: {error.strip()}")
         grammar = Grammar(source, what, self.tokenizer)
         matcher = grammar.matcher()
-        if matcher.is_error() or count_allowed(matcher, self.words, self.vocab_size) == 0:
+        first = torch.zeros((1, self.words), dtype=torch.int32)
+        fill_next_token_bitmask(matcher, first, 0)
+        if matcher.is_error() or not any_allowed(first[0], self.vocab_size):
             problem = matcher.get_error() if matcher.is_error() else "no token of the vocabulary can start it"
             raise InvalidParameterError(f"{what} allows no output: {problem}")
         return grammar

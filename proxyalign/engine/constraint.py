@@ -18,6 +18,7 @@ import torch
 from llguidance.torch import fill_next_token_bitmask
 
 from proxyalign.constrained import Grammar, allowed_bits
+from proxyalign.constrained.compiler import any_allowed
 from proxyalign.errors import ConstraintError
 
 __all__ = ["RowConstraint", "grammar_masks"]
@@ -93,7 +94,7 @@ def grammar_masks(
     errors: dict[int, ConstraintError] = {}
     for b, constraint in live:
         constraint.fill(bitmask, b)
-        if constraint.matcher.is_error() or not _any_below(bitmask[b], vocab_size):
+        if constraint.matcher.is_error() or not any_allowed(bitmask[b], vocab_size):
             errors[b] = constraint._error("the grammar allows no token of the vocabulary here")
             bitmask[b] = -1
     return allowed_bits(bitmask.to(device, non_blocking=True), vocab_size), errors
@@ -102,11 +103,3 @@ def grammar_masks(
 def _bit(j: int) -> int:
     """Bit ``j`` of an int32 word as the signed value torch stores (bit 31 is the sign)."""
     return (1 << j) - (1 << 32) if j == 31 else 1 << j
-
-
-def _any_below(words: torch.Tensor, vocab_size: int) -> bool:
-    """Whether a packed mask allows any token id below ``vocab_size`` (on the host, no unpacking)."""
-    full, rest = divmod(vocab_size, 32)
-    if bool(words[:full].any()):
-        return True
-    return bool(rest) and bool(int(words[full]) & ((1 << rest) - 1))
