@@ -30,3 +30,16 @@ def aligner():
 def aligner_with_q():
     """A tiny p/q*/q triple for criteria that need the small base model."""
     return tiny_aligner("implicit_reward", small_base=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for one test module (stopped after it, so that its idle daemons do
+    not run beside the rest of the suite)."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'proxyalign[ray]'")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from proxyalign.cli_args import parse_params
+from proxyalign.cluster import ReplicaResources, require_ray
 from proxyalign.errors import ProxyAlignError
 from proxyalign.eval.config import EvalConfig, parse_datasets
 from proxyalign.eval.data import DATASETS
+from proxyalign.eval.distributed import RayOptions
 from proxyalign.eval.harness import evaluate
 from proxyalign.eval.prompts import PROMPT_STYLES
 from proxyalign.eval.report import markdown_table, report_directory
 
-__all__ = ["add_eval_arguments", "config_from_args", "run_eval_command"]
+__all__ = ["add_eval_arguments", "config_from_args", "ray_options_from_args", "run_eval_command"]
 
 EPILOG = f"""\
 examples:
@@ -22,6 +25,7 @@ examples:
       --methods base,aligned,nudging,dual_kad,confidence_bet[margin=0.2]
   proxyalign eval ... --methods base,aligned,confidence_bet --sweep margin=0,0.1,0.2 --dev 30
   proxyalign eval ... --datasets svamp=data/svamp.jsonl,math500=hub
+  proxyalign eval ... --ray --replicas 4           # on Ray replicas (docs/scaling.md); same records
   proxyalign eval --report-only eval-results      # rebuild report.md / sweep.png from the records
 
 datasets: {", ".join(DATASETS)} (or NAME=PATH.jsonl, NAME=hub, PATH.jsonl)
@@ -89,6 +93,24 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     decoding.add_argument("--gamma", default="4", help="speculative mode: drafts per round, or 'adaptive'")
 
+    scale = parser.add_argument_group("scaling out on Ray (pip install 'proxyalign[ray]'; docs/scaling.md)")
+    scale.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="decode on Ray replicas: the cluster at ADDRESS, else $RAY_ADDRESS, a cluster already running "
+        "here, or a new local one. Records equal a local run's",
+    )
+    scale.add_argument("--replicas", type=int, help="with --ray: replicas, each with the models (default 1)")
+    scale.add_argument(
+        "--num-cpus-per-replica", type=float, help="with --ray (default: the CPUs shared evenly, 1 with GPUs)"
+    )
+    scale.add_argument(
+        "--num-gpus-per-replica", type=float, help="with --ray (default: 1 where the cluster has GPUs)"
+    )
+
     out = parser.add_argument_group("output")
     out.add_argument("--output", default="eval-results", help="directory of records.jsonl and reports")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -142,6 +164,31 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     )
 
 
+def ray_options_from_args(args: argparse.Namespace) -> RayOptions | None:
+    """The Ray settings of ``proxyalign eval``, checked (``None``: decode in this process)."""
+    if args.ray is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--replicas", args.replicas),
+                ("--num-cpus-per-replica", args.num_cpus_per_replica),
+                ("--num-gpus-per-replica", args.num_gpus_per_replica),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ProxyAlignError(f"{given[0]} needs --ray")
+        return None
+    resources = ReplicaResources(
+        replicas=1 if args.replicas is None else args.replicas,
+        num_cpus=args.num_cpus_per_replica,
+        num_gpus=args.num_gpus_per_replica,
+    )
+    require_ray("proxyalign eval --ray")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the progress bar says what it would
+    return RayOptions(address=args.ray or None, resources=resources)
+
+
 def run_eval_command(args: argparse.Namespace, console: Any) -> int:
     """Run ``proxyalign eval``; print the report; return the exit status."""
     if args.report_only:
@@ -150,10 +197,12 @@ def run_eval_command(args: argparse.Namespace, console: Any) -> int:
         if not args.base or not args.aligned:
             raise ProxyAlignError("proxyalign eval needs --base and --aligned (or --report-only DIR)")
         config = config_from_args(args)
+        ray = ray_options_from_args(args)
         result = evaluate(
             args.base,
             args.aligned,
             config,
+            ray=ray,
             small_base=args.small_base,
             dtype=args.dtype,
             device=args.device,

@@ -16,6 +16,7 @@ from proxyalign.aligner import ProxyAligner
 from proxyalign.errors import ProxyAlignError
 from proxyalign.eval.config import EvalConfig, EvalResult, validate_config
 from proxyalign.eval.data import load_splits
+from proxyalign.eval.distributed import RayDecoder, RayOptions
 from proxyalign.eval.methods import Method, Sweep, format_value, sweep_for
 from proxyalign.eval.report import write_reports
 from proxyalign.eval.runner import Job, Runner
@@ -35,7 +36,9 @@ def _accuracy(store: RecordStore, dataset: str, split: str, label: str) -> tuple
 
 
 def run_eval(aligner: Any, config: EvalConfig) -> EvalResult:
-    """Evaluate ``config.methods`` on ``config.datasets`` with a loaded :class:`~proxyalign.ProxyAligner`.
+    """Evaluate ``config.methods`` on ``config.datasets`` with a loaded :class:`~proxyalign.ProxyAligner`
+    (or anything with its ``names`` and ``as_completed``, such as a
+    :class:`~proxyalign.eval.distributed.RayDecoder`).
 
     Writes ``records.jsonl``, ``summary.json``, ``report.md`` and (with sweeps and matplotlib)
     ``sweep.png`` under ``config.output_dir``; resumes from the records already there.
@@ -118,10 +121,19 @@ def run_eval(aligner: Any, config: EvalConfig) -> EvalResult:
     return write_reports(result, config)
 
 
-def evaluate(base: str, aligned: str, config: EvalConfig, **load_options: Any) -> EvalResult:
+def evaluate(
+    base: str,
+    aligned: str,
+    config: EvalConfig,
+    *,
+    ray: RayOptions | None = None,
+    **load_options: Any,
+) -> EvalResult:
     """Load p and q* (hub id, directory, ``.gguf`` or offline asset name) and :func:`run_eval`.
 
     ``load_options`` go to :meth:`ProxyAligner.from_pretrained` (``dtype``, ``device``, ``small_base`` …).
+    With ``ray``, the models load on Ray replicas instead (:mod:`proxyalign.eval.distributed`) and the
+    records are the same as a local run's.
     """
     # Fail on a bad method, option or dataset file before a minute of loading weights.
     methods, sweeps, datasets = validate_config(config)
@@ -135,5 +147,11 @@ def evaluate(base: str, aligned: str, config: EvalConfig, **load_options: Any) -
             raise ProxyAlignError(
                 f"method {method.label} needs the small base model q: pass --small-base (small_base=...)"
             )
+    if ray is not None:
+        decoder = RayDecoder(base, aligned, ray, criterion=methods[0].criterion, **load_options)
+        try:
+            return run_eval(decoder, replace(config, methods=methods))
+        finally:
+            decoder.close()
     aligner = ProxyAligner.from_pretrained(base, aligned, criterion=methods[0].criterion, **load_options)
     return run_eval(aligner, replace(config, methods=methods))
