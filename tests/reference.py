@@ -123,8 +123,12 @@ def pgm_pi(p: np.ndarray, q_star: np.ndarray, mu: np.ndarray) -> np.ndarray:
 
 
 def implicit_reward_pi(p: np.ndarray, q_star: np.ndarray, q: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return softmax(np.log(p) + np.log(q_star) - np.log(q))
+    """``softmax(log p + log q* - log q)``; a row where p and q* share no token falls back to q* (the
+    criterion's documented rule for supports that filters made disjoint)."""
+    overlap = ((p > 0) & (q_star > 0)).any(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shifted = softmax(np.where(overlap, np.log(p) + np.log(q_star) - np.log(q), 0.0))
+    return np.where(overlap, shifted, q_star)
 
 
 def hybrid_pi(

@@ -8,7 +8,11 @@ stream, never on the rows beside it.
 
 - :func:`rejection_of` / :func:`target_of`: call a criterion the way the engine does (probabilities or
   exact log-probabilities in), check the shape at once and flag invalid values on the device;
+- :func:`role_dists`: one model's logits -> the distributions the hybrid reads, with each row's sampling
+  settings applied as that model's role needs them;
 - :func:`hybrid_target`: pi per row, as its parts for a rejection criterion (``p (1 - mu) + q* S``);
+- :func:`hybrid_log_pi`: the whole way from the models' logits to log pi, for engines that sample from
+  a full distribution (the vLLM model of ``proxyalign-vllm``): the same two functions as above;
 - :func:`sample_hybrid`: the two-stage draw (draft from p, reject with mu, resample from q*) with
   provenance; :func:`sample_target` for target-defined criteria (two stages where the target is a
   rejection PGM, a direct draw elsewhere); :func:`greedy_choice` for temperature 0;
@@ -17,6 +21,7 @@ stream, never on the rows beside it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -24,8 +29,9 @@ import torch
 from proxyalign import mixture
 from proxyalign.criteria.base import Criterion, CriterionKind
 from proxyalign.engine.results import CODE, Source
-from proxyalign.engine.sampling import Dists
+from proxyalign.engine.sampling import Dists, RowSampling, model_dists
 from proxyalign.errors import CriterionError, ProxyAlignError
+from proxyalign.roles import ALIGNED, BASE, SMALL_BASE
 
 __all__ = [
     "Checked",
@@ -38,9 +44,11 @@ __all__ = [
     "draft_from_p",
     "greedy_choice",
     "greedy_from",
+    "hybrid_log_pi",
     "hybrid_target",
     "pick",
     "rejection_of",
+    "role_dists",
     "sample_hybrid",
     "sample_target",
     "target_of",
@@ -193,6 +201,39 @@ def hybrid_target(
     checked = rejection_of(criterion, p, q_star, q)
     mu = checked.tensor
     return MixtureTarget(p.probs, q_star.probs, mu, mixture.rejection_rate(p.probs, mu)), checked
+
+
+def role_dists(
+    role: str,
+    logits: torch.Tensor,
+    vocab_size: int,
+    rows: RowSampling,
+    allowed: torch.Tensor | None = None,
+) -> Dists:
+    """One model's distributions as the hybrid reads them (``[N, V_model]`` logits -> ``[N, V]``): p and q*
+    propose tokens, so each row's temperature and top-k/top-p apply; the small base q only informs a
+    criterion, so it is tempered but never filtered. ``allowed``: the rows' grammar masks."""
+    proposer = role != SMALL_BASE
+    return model_dists(
+        logits, vocab_size, rows if proposer else rows.unfiltered(), proposer=proposer, allowed=allowed
+    )
+
+
+def hybrid_log_pi(
+    criterion: Criterion,
+    logits: Mapping[str, torch.Tensor],
+    vocab_size: int,
+    rows: RowSampling,
+    allowed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Checked]:
+    """log pi per row (``[N, V]``, ``-inf`` where pi is 0) from the models' logits by role (``"base"``,
+    ``"aligned"``, and ``"small_base"`` for criteria that need q): exactly what token-level decoding
+    samples from, through :func:`role_dists` and :func:`hybrid_target` as the engine's lanes call
+    them. The :class:`Checked` flag says (on the device) whether the criterion's output was invalid;
+    the returned log pi is then p's, as the engine's sampler would use."""
+    dists = {role: role_dists(role, logits[role], vocab_size, rows, allowed) for role in logits}
+    target, checked = hybrid_target(criterion, dists[BASE], dists[ALIGNED], dists.get(SMALL_BASE))
+    return torch.log(target.full()), checked
 
 
 # -- drawing tokens from explicit uniforms --------------------------------------------------------------

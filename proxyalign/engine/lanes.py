@@ -28,13 +28,14 @@ from proxyalign.engine.hybrid import (
     draft_from_p,
     pick,
     rejection_of,
+    role_dists,
     sample_target,
     target_of,
 )
 from proxyalign.engine.request import LaneKey, Request
 from proxyalign.engine.results import CODE, Source
 from proxyalign.engine.runner import ModelRunner
-from proxyalign.engine.sampling import Dists, RowSampling, model_dists
+from proxyalign.engine.sampling import Dists, RowSampling
 from proxyalign.errors import CriterionError
 from proxyalign.roles import ALIGNED, BASE, SMALL_BASE
 
@@ -177,10 +178,7 @@ class Lane:
     def _dists(
         self, role: str, logits: torch.Tensor, sampling: RowSampling, allowed: torch.Tensor | None = None
     ) -> Dists:
-        proposer = role != SMALL_BASE
-        rows = sampling if proposer else sampling.unfiltered()
-        logits = logits.to(self.device, non_blocking=True)
-        return model_dists(logits, self.vocab_size, rows, proposer=proposer, allowed=allowed)
+        return role_dists(role, logits.to(self.device, non_blocking=True), self.vocab_size, sampling, allowed)
 
     def _next(self, role: str) -> Dists:
         return self._dists(role, self.runners[role].next_logits(), self.sampling, self.allowed)
