@@ -14,7 +14,7 @@ from typing import Any
 
 from proxyalign.errors import InvalidParameterError, ProxyAlignError
 
-__all__ = ["ReplicaResources", "connect", "require_ray"]
+__all__ = ["ReplicaResources", "connect", "match_reserved_cpus", "require_ray"]
 
 
 def require_ray(feature: str) -> Any:
@@ -76,3 +76,14 @@ class ReplicaResources:
         else:
             cpus = float(max(1, int(cluster.get("CPU", 1) // self.replicas)))
         return cpus, gpus
+
+
+def match_reserved_cpus() -> None:
+    """In a replica: torch's threads = the CPUs Ray reserved for it, not every core of the node (several
+    replicas on one node would otherwise fight over the cores)."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))

@@ -7,12 +7,13 @@ works without the ``serve`` extra.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import socket
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -20,7 +21,18 @@ from proxyalign.cli_args import add_model_args, check_models, load_pair, parse_p
 from proxyalign.errors import InvalidParameterError, ProxyAlignError
 from proxyalign.server.config import ServerConfig
 
-__all__ = ["add_serve_arguments", "build_server", "config_from_args", "run_serve", "serve"]
+if TYPE_CHECKING:
+    from proxyalign.engine.scheduler import SchedulerConfig
+    from proxyalign.server.ray_serve import Replicas
+
+__all__ = [
+    "add_serve_arguments",
+    "build_server",
+    "config_from_args",
+    "ray_options_from_args",
+    "run_serve",
+    "serve",
+]
 
 logger = logging.getLogger("proxyalign.server")
 
@@ -35,7 +47,14 @@ example:
 
 The API key may also come from ${API_KEY_ENV}. Binding a non-loopback --host needs an API key (or
 --allow-insecure, for a trusted network only).
+
+on Ray Serve (pip install 'proxyalign[ray]'; docs/scaling.md): the same app as replicas, each with its
+own engine, behind Serve's HTTP proxy on --host/--port:
+  proxyalign serve --base ... --aligned ... --ray --replicas 2 --num-gpus-per-replica 1
 """
+
+#: The options that only mean something with ``--ray``.
+RAY_FLAGS = ("replicas", "autoscaling", "num_cpus_per_replica", "num_gpus_per_replica")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +122,80 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
+    add_ray_arguments(parser)
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ray`` and the replicas' options (checked by :func:`ray_options_from_args`)."""
+    ray = parser.add_argument_group("ray (serve on Ray Serve replicas: pip install 'proxyalign[ray]')")
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="serve as Ray Serve replicas, each with its own engine. ADDRESS as ray.init takes it; "
+        "none: $RAY_ADDRESS or a cluster running on this machine, else a new local one; 'auto': a "
+        "running cluster only; 'local': always a new one; HOST:PORT or ray://HOST:PORT",
+    )
+    count = ray.add_mutually_exclusive_group()
+    count.add_argument(
+        "--replicas", type=int, default=None, metavar="N", help="a fixed number of replicas (default 1)"
+    )
+    count.add_argument(
+        "--autoscaling",
+        default=None,
+        metavar="JSON",
+        help='Ray Serve\'s autoscaling_config, e.g. \'{"min_replicas": 1, "max_replicas": 4, '
+        '"target_ongoing_requests": 32}\'',
+    )
+    ray.add_argument(
+        "--num-cpus-per-replica",
+        type=float,
+        default=None,
+        metavar="N",
+        help="CPUs per replica (default: 1 with GPUs; on a CPU-only cluster, its CPUs shared evenly)",
+    )
+    ray.add_argument(
+        "--num-gpus-per-replica",
+        type=float,
+        default=None,
+        metavar="N",
+        help="GPUs per replica, fractions allowed (default: 1 when the cluster has GPUs, else 0)",
+    )
+
+
+def ray_options_from_args(args: argparse.Namespace) -> Replicas | None:
+    """The replicas of ``--ray``, checked (the ray extra too), or None without ``--ray``. Nothing starts
+    here; the flags and their defaults are those of ``proxyalign eval --ray``, plus ``--autoscaling``."""
+    if args.ray is None:
+        given = [f"--{name.replace('_', '-')}" for name in RAY_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise InvalidParameterError(f"{given[0]} needs --ray")
+        return None
+    from proxyalign.cluster import ReplicaResources
+    from proxyalign.server.ray_serve import Replicas, check_autoscaling, import_serve
+
+    import_serve()
+    autoscaling = None
+    if args.autoscaling is not None:
+        try:
+            value = json.loads(args.autoscaling)
+        except json.JSONDecodeError as exc:
+            raise InvalidParameterError(f"--autoscaling is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise InvalidParameterError(
+                '--autoscaling must be a JSON object such as \'{"min_replicas": 1, "max_replicas": 4}\', '
+                f"got {args.autoscaling!r}"
+            )
+        autoscaling = check_autoscaling(value)
+    most = int(autoscaling.get("max_replicas", 1)) if autoscaling is not None else args.replicas
+    resources = ReplicaResources(
+        replicas=1 if most is None else most,
+        num_cpus=args.num_cpus_per_replica,
+        num_gpus=args.num_gpus_per_replica,
+    )
+    return Replicas(resources, autoscaling)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -178,6 +271,7 @@ def run_serve(args: argparse.Namespace, console: Any = None) -> int:
     from proxyalign.settings import DEFAULT_CRITERION
 
     _import_server_stack()
+    replicas = ray_options_from_args(args)
     config = config_from_args(args)
     scheduler = SchedulerConfig(
         max_rows=args.max_rows,
@@ -187,6 +281,8 @@ def run_serve(args: argparse.Namespace, console: Any = None) -> int:
     params = parse_params(args.param)
     criterion = args.criterion or DEFAULT_CRITERION
     chosen = get_criterion(criterion, **params)
+    if replicas is not None:
+        return _run_on_ray(args, config, scheduler, criterion, params, chosen, replicas)
     check_models(args, chosen)
     sock = _bind(config.host, config.port)
     try:
@@ -200,6 +296,30 @@ def run_serve(args: argparse.Namespace, console: Any = None) -> int:
     finally:
         sock.close()
     return 0
+
+
+def _run_on_ray(
+    args: argparse.Namespace,
+    config: ServerConfig,
+    scheduler: SchedulerConfig,
+    criterion: str,
+    params: dict[str, str],
+    chosen: Any,
+    replicas: Replicas,
+) -> int:
+    """The rest of ``run_serve`` with ``--ray``: the device is the replicas' (the GPUs they get), so
+    only its spelling is checked here, where there may be none; then :func:`run_ray_serve`."""
+    from proxyalign.models import resolve_device
+    from proxyalign.server.ray_serve import pair_from_args, run_ray_serve
+
+    if config.port == 0:
+        raise InvalidParameterError("--port 0 (any free port) does not work with --ray: name a port")
+    if args.device is not None:
+        resolve_device(args.device)
+    check_models(argparse.Namespace(**{**vars(args), "device": None}), chosen)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    pair = pair_from_args(args, criterion, params, scheduler)
+    return run_ray_serve(args.ray or None, pair, config, replicas)
 
 
 def build_server(aligner: Any, config: ServerConfig, *, log_level: str = "info") -> Any:
