@@ -16,6 +16,7 @@ One module per job; each imports only from the ones above it:
 - ``config``: :class:`EvalConfig`, its validation before any model loads, and :class:`EvalResult`;
 - ``store``: ``records.jsonl`` and the ``run.json`` fingerprint check;
 - ``runner``: the decoding loop (per-question seeds, the running batch, one record per instance);
+- ``distributed``: the same decoding on Ray replicas (a Ray Dataset mapped by an actor pool);
 - ``report``: ``summary.json``, ``report.md`` and ``sweep.png`` from records;
 - ``harness``: :func:`run_eval` (plan, tune on dev, decode, report) and :func:`evaluate` (load, run);
 - ``cli``: ``proxyalign eval``.
@@ -23,6 +24,7 @@ One module per job; each imports only from the ones above it:
 
 from proxyalign.eval.config import EvalConfig, EvalResult, parse_datasets
 from proxyalign.eval.data import DATASETS, Problem, load_dataset, load_gsm8k, load_jsonl, load_splits
+from proxyalign.eval.distributed import RayDecoder, RayOptions
 from proxyalign.eval.extract import (
     extract_answer,
     extract_boxed,
@@ -56,6 +58,8 @@ __all__ = [
     "Method",
     "Paired",
     "Problem",
+    "RayDecoder",
+    "RayOptions",
     "Summary",
     "Sweep",
     "build_prompt",

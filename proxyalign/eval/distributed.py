@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxyalign.cluster import ReplicaResources, connect, require_ray
+from proxyalign.cluster import ReplicaResources, connect, match_reserved_cpus, require_ray
 from proxyalign.errors import ProxyAlignError
 from proxyalign.models import check_model_spec
 
@@ -49,14 +49,9 @@ class AlignerReplica:
     aligner's engine batches them together."""
 
     def __init__(self, base: str, aligned: str, load_options: Mapping[str, Any]) -> None:
-        import ray
-        import torch
-
         from proxyalign.aligner import ProxyAligner
 
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-        if cpus:  # torch's threads = the CPUs Ray reserved for this replica, not every core of the node
-            torch.set_num_threads(max(1, int(cpus)))
+        match_reserved_cpus()
         self.aligner = ProxyAligner.from_pretrained(base, aligned, **dict(load_options))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
