@@ -4,13 +4,15 @@
     python benchmarks/ray_eval.py --pair tiny             # tiny random pair: a smoke run in a minute
 
 Every run decodes the same questions with the same seed (``proxyalign.eval.evaluate``), so the records
-must be equal; the script checks it. Times are end to end (loading the models included: a local run
-loads them in this process, a Ray run in each replica's fresh worker process), measured one after
-another in one process on an otherwise idle machine; the Ray cluster is started once, before, and its
-start-up is reported apart. On 2 cores two replicas cannot be faster than one: each gets one core.
-The point is the overhead per question of going through Ray at 1 replica: the fixed cost of starting
-the replicas' worker processes (measured apart, with replicas that load no model, and subtracted) and
-what remains, per question.
+are equal in float32 (the script checks it); in bfloat16 they are equal in distribution only, since bf16
+rounding depends on the batch's shape (docs/scaling.md). Times are end to end (loading the models
+included: a local run loads them in this process, a Ray run in each replica's fresh worker process),
+measured one after another in one process on an otherwise idle machine; the Ray cluster is started
+once, before, and its start-up is reported apart. The point is the overhead per question of going
+through Ray at 1 replica: the fixed cost of starting the replicas' worker processes (measured apart,
+with replicas that load no model, and subtracted) and what remains, per question. Two replicas on the
+same cores say how the cores are best split (one 2-thread process or two 1-thread ones), not how Ray
+scales.
 """
 
 from __future__ import annotations
