@@ -154,4 +154,7 @@ def evaluate(
         finally:
             decoder.close()
     aligner = ProxyAligner.from_pretrained(base, aligned, criterion=methods[0].criterion, **load_options)
-    return run_eval(aligner, replace(config, methods=methods))
+    try:
+        return run_eval(aligner, replace(config, methods=methods))
+    finally:
+        aligner.close()  # its engine thread and the models' memory go with it
