@@ -17,6 +17,7 @@ from proxyalign.cli_args import add_model_args, check_models, load_pair, parse_p
 from proxyalign.display import SOURCE_STYLES, stats_line
 from proxyalign.engine.results import Source
 from proxyalign.errors import ProxyAlignError
+from proxyalign.progress import DecodeProgress
 from proxyalign.settings import DEFAULT_CRITERION
 
 __all__ = ["main"]
@@ -159,7 +160,8 @@ def _cmd_generate(args: argparse.Namespace, console: Console) -> int:
     _check_prompts_fit(args, prompts, criterion, prompt_formats(args))
     aligner = load_pair(args, criterion)
     if args.json:
-        generations = aligner.generate(prompts, **options)
+        with DecodeProgress(aligner, len(prompts), "decoding"):  # on stderr: stdout stays JSON
+            generations = aligner.generate(prompts, **options)
         rows = [{"prompt": prompt, **g.as_dict()} for prompt, g in zip(prompts, generations, strict=True)]
         payload = {
             "criterion": aligner.criterion.name,

@@ -22,6 +22,7 @@ from proxyalign.engine.results import Generation
 from proxyalign.eval.data import Problem, load_gsm8k
 from proxyalign.eval.extract import score
 from proxyalign.eval.prompts import build_prompt, stop_strings
+from proxyalign.progress import DecodeProgress
 from proxyalign.settings import DEFAULT_CRITERION
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -85,15 +86,16 @@ def run_demo(
     for label, criterion, params in _methods(config):
         console.print(f"[dim]decoding the batch with {label} ...[/]")
         tick = time.perf_counter()
-        results[label] = aligner.generate(
-            prompts,
-            criterion=criterion,
-            criterion_params=params,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            seed=config.seed,
-            stop=stop if criterion != "aligned" else [],
-        )
+        with DecodeProgress(aligner, len(prompts), label):
+            results[label] = aligner.generate(
+                prompts,
+                criterion=criterion,
+                criterion_params=params,
+                max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature,
+                seed=config.seed,
+                stop=stop if criterion != "aligned" else [],
+            )
         timings[label] = time.perf_counter() - tick
     for index, problem in enumerate(problems):
         _print_problem(console, aligner, index, problem, results)

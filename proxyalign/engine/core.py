@@ -138,7 +138,7 @@ class Engine:
         self._reserved = 0
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._totals: Counter[str] = Counter()
+        self._totals: Counter[str] = Counter(decoded_tokens=0)  # the key exists before status() copies it
         self._snapshot: dict[str, Any] = {}
         self._publish()
         _ENGINES.add(self)
@@ -347,6 +347,7 @@ class Engine:
                     continue
                 output = ticket.output
                 chunk = output.advance(step, now - ticket.submitted)
+                self._totals["decoded_tokens"] += len(step.tokens)  # live, for progress lines
                 if output.finish_reason is not None:
                     forwards = (counts[0] - row.forwards_at_join[0], counts[1] - row.forwards_at_join[1])
                     chunk.generation = output.generation(now - ticket.submitted, forwards)

@@ -22,6 +22,7 @@ from proxyalign.eval.extract import score
 from proxyalign.eval.methods import Method
 from proxyalign.eval.prompts import method_prompt
 from proxyalign.eval.store import RecordStore, record_key
+from proxyalign.progress import DecodeProgress
 
 __all__ = ["SOURCE_LETTERS", "Job", "Runner", "provenance", "question_seed"]
 
@@ -82,13 +83,16 @@ class Runner:
         total = len(jobs) * len(problems)
         bar = _progress(total, total - len(todo), desc, self.config.progress)
         calls = (self._call(job, problem) for job, problem in todo)
+        live = DecodeProgress(self.aligner, enabled=self.config.progress, bar=bar)  # moves between questions
+        decoded = self.aligner.as_completed(calls, in_flight=self.config.batch_size)
         try:
-            for position, generation in self.aligner.as_completed(calls, in_flight=self.config.batch_size):
-                job, problem = todo[position]
-                self.store.append([self._record(job, problem, generation)])
-                self.new_instances += 1
-                bar.set_postfix_str(job.method.label, refresh=False)
-                bar.update(1)
+            with live:
+                for position, generation in decoded:
+                    job, problem = todo[position]
+                    self.store.append([self._record(job, problem, generation)])
+                    self.new_instances += 1
+                    live.label = job.method.label
+                    bar.update(1)
         finally:
             bar.close()
 
