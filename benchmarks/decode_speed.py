@@ -11,7 +11,6 @@ models every step, so 1.0 means the hybrid costs exactly its two forward passes 
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import statistics
 import time
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from host import describe_host
 from transformers import GenerationConfig
 
 import proxyalign
@@ -131,11 +131,8 @@ def main() -> None:
     p, q_star, tokenizer = pa.models["base"], pa.models["aligned"], pa.tokenizer
     weights = sum(t.numel() * t.element_size() for m in (p, q_star) for t in m.state_dict().values())
 
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}; bf16; {args.new_tokens} new tokens; {args.reps} reps; "
-        f"T={args.temperature}"
-    )
+    print(describe_host())
+    print(f"bf16; {args.new_tokens} new tokens; {args.reps} reps; T={args.temperature}")
     print("\n| batch | configuration | tokens/s median (min-max) | ms/token/row |")
     print("|---|---|---|---|")
     summary = []

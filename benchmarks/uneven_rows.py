@@ -18,6 +18,8 @@ import argparse
 import statistics
 import time
 
+from host import describe_host
+
 from proxyalign.aligner import ProxyAligner
 from proxyalign.eval.data import load_gsm8k
 from proxyalign.eval.prompts import method_prompt
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=384)
     parser.add_argument("--reps", type=int, default=1)
     args = parser.parse_args()
+    print(describe_host())
     dirs = real_pair_dirs("bfloat16")
     if dirs is None:
         raise SystemExit("the real pair is not fetched yet: run `proxyalign models fetch qwen2.5-coder-pair`")
