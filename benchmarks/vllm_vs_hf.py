@@ -27,16 +27,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REAL_PROMPTS = [
-    "# A Python module implementing a binary search tree with insert, delete and in-order traversal\n",
-    "# Utilities for parsing and validating ISO 8601 dates in Python, with tests\n",
-    "// A C function that reverses a singly linked list, with comments explaining each step\n",
-    "# A command line todo-list manager in Python using argparse and a JSON file\n",
-    "-- SQL schema for a library: books, authors, loans, members, with indexes\n",
-    "# Implement Dijkstra's shortest path algorithm in Python with a heap\n",
-    "/* JavaScript: debounce and throttle helpers with JSDoc comments */\n",
-    "# A Python class for a thread-safe LRU cache with type hints\n",
-]
+from decode_speed import PROMPTS
+
+REAL_PROMPTS = PROMPTS  # the code prompts of decode_speed.py: the same work as its figures
 #: The tiny tokenizer's words are w4 ... w57 (proxyalign.testing.tiny_tokenizer).
 TINY_PROMPTS = [" ".join(f"w{4 + (7 * i + j) % 50}" for j in range(6 + i)) for i in range(8)]
 

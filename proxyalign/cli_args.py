@@ -1,15 +1,31 @@
 """Command-line pieces the ``proxyalign`` subcommands share (``generate``, ``serve``; ``eval`` parses
-``--param`` here too): the model options and ``--param NAME=VALUE`` parsing, spelled once."""
+``--param`` and the Ray options here too): the model options, ``--param NAME=VALUE`` parsing and
+``--ray`` with the replicas' resources, spelled once."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxyalign.errors import InvalidParameterError
 
-__all__ = ["add_model_args", "check_models", "load_pair", "parse_params", "prompt_formats"]
+if TYPE_CHECKING:
+    from proxyalign.cluster import ReplicaResources
+
+__all__ = [
+    "RAY_FLAGS",
+    "add_model_args",
+    "add_ray_args",
+    "check_models",
+    "load_pair",
+    "parse_params",
+    "prompt_formats",
+    "replica_resources",
+]
+
+#: The options that mean something only with ``--ray`` (``serve`` adds ``--autoscaling``).
+RAY_FLAGS = ("replicas", "num_cpus_per_replica", "num_gpus_per_replica")
 
 
 def parse_params(pairs: Sequence[str]) -> dict[str, str]:
@@ -73,4 +89,47 @@ def load_pair(args: argparse.Namespace, criterion: Any, **extra: Any) -> Any:
         trust_remote_code=args.trust_remote_code,
         prompt_formats=prompt_formats(args),
         **extra,
+    )
+
+
+def add_ray_args(group: Any, *, ray_help: str, replicas_help: str, replicas_group: Any = None) -> None:
+    """``--ray [ADDRESS]``, ``--replicas`` (in ``replicas_group`` if given: ``serve`` makes it exclusive
+    with ``--autoscaling``) and each replica's CPUs and GPUs (defaults: :class:`ReplicaResources`)."""
+    group.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", help=ray_help)
+    replicas = replicas_group or group
+    replicas.add_argument("--replicas", type=int, default=None, metavar="N", help=replicas_help)
+    group.add_argument(
+        "--num-cpus-per-replica",
+        type=float,
+        default=None,
+        metavar="N",
+        help="CPUs per replica (default: 1 with GPUs; on a CPU-only cluster, its CPUs shared evenly)",
+    )
+    group.add_argument(
+        "--num-gpus-per-replica",
+        type=float,
+        default=None,
+        metavar="N",
+        help="GPUs per replica, fractions allowed (default: 1 when the cluster has GPUs, else 0)",
+    )
+
+
+def replica_resources(
+    args: argparse.Namespace, *, replicas: int | None = None, extra_flags: Sequence[str] = ()
+) -> ReplicaResources | None:
+    """The replicas' resources from :func:`add_ray_args`'s options, checked; ``None`` without ``--ray``,
+    where any of them (or of ``extra_flags``) is an error. ``replicas`` overrides ``--replicas``."""
+    from proxyalign.cluster import ReplicaResources
+
+    if args.ray is None:
+        flags = (*RAY_FLAGS, *extra_flags)
+        given = [f"--{n.replace('_', '-')}" for n in flags if getattr(args, n) is not None]
+        if given:
+            raise InvalidParameterError(f"{given[0]} needs --ray")
+        return None
+    count = replicas if replicas is not None else args.replicas
+    return ReplicaResources(
+        replicas=1 if count is None else count,
+        num_cpus=args.num_cpus_per_replica,
+        num_gpus=args.num_gpus_per_replica,
     )

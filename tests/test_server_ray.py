@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 from fastapi.testclient import TestClient
 
@@ -184,19 +183,6 @@ def live(ray_cluster, pair_dirs, tmp_path_factory) -> Iterator[Served]:
         served.stop()
 
 
-@pytest.fixture(scope="module")
-def client(live):
-    with openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def http(live):
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    with httpx.Client(base_url=live.url, headers=headers, timeout=60) as c:
-        yield c
-
-
 def test_two_replicas_run_behind_the_proxy(live, client, pa):
     from ray import serve
 
@@ -212,6 +198,11 @@ def test_two_replicas_run_behind_the_proxy(live, client, pa):
     }
     assert answers == {expected}, "every replica answers as the pair alone"
 
+
+# The plain server's ``client`` (openai) and ``http`` (httpx) fixtures: they ask for ``live``, which here
+# is the Serve deployment.
+client = plain.client
+http = plain.http
 
 # The plain server's client tests, collected here once more: the fixtures they ask for (live, client,
 # http, pa) are this module's, so the same bodies run against the Serve deployment.

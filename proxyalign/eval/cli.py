@@ -6,8 +6,8 @@ import argparse
 import logging
 from typing import Any
 
-from proxyalign.cli_args import parse_params
-from proxyalign.cluster import ReplicaResources, require_ray
+from proxyalign.cli_args import add_ray_args, parse_params, replica_resources
+from proxyalign.cluster import require_ray
 from proxyalign.errors import ProxyAlignError
 from proxyalign.eval.config import EvalConfig, parse_datasets
 from proxyalign.eval.data import DATASETS
@@ -94,21 +94,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument("--gamma", default="4", help="speculative mode: drafts per round, or 'adaptive'")
 
     scale = parser.add_argument_group("scaling out on Ray (pip install 'proxyalign[ray]'; docs/scaling.md)")
-    scale.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="decode on Ray replicas: the cluster at ADDRESS, else $RAY_ADDRESS, a cluster already running "
-        "here, or a new local one. Records equal a local run's",
-    )
-    scale.add_argument("--replicas", type=int, help="with --ray: replicas, each with the models (default 1)")
-    scale.add_argument(
-        "--num-cpus-per-replica", type=float, help="with --ray (default: the CPUs shared evenly, 1 with GPUs)"
-    )
-    scale.add_argument(
-        "--num-gpus-per-replica", type=float, help="with --ray (default: 1 where the cluster has GPUs)"
+    add_ray_args(
+        scale,
+        ray_help="decode on Ray replicas: the cluster at ADDRESS, else $RAY_ADDRESS, a cluster already "
+        "running here, or a new local one. Records equal a local run's",
+        replicas_help="with --ray: replicas, each with the models (default 1)",
     )
 
     out = parser.add_argument_group("output")
@@ -166,24 +156,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def ray_options_from_args(args: argparse.Namespace) -> RayOptions | None:
     """The Ray settings of ``proxyalign eval``, checked (``None``: decode in this process)."""
-    if args.ray is None:
-        given = [
-            flag
-            for flag, value in (
-                ("--replicas", args.replicas),
-                ("--num-cpus-per-replica", args.num_cpus_per_replica),
-                ("--num-gpus-per-replica", args.num_gpus_per_replica),
-            )
-            if value is not None
-        ]
-        if given:
-            raise ProxyAlignError(f"{given[0]} needs --ray")
+    resources = replica_resources(args)
+    if resources is None:
         return None
-    resources = ReplicaResources(
-        replicas=1 if args.replicas is None else args.replicas,
-        num_cpus=args.num_cpus_per_replica,
-        num_gpus=args.num_gpus_per_replica,
-    )
     require_ray("proxyalign eval --ray")
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the progress bar says what it would
     return RayOptions(address=args.ray or None, resources=resources)

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from proxyalign.cli_args import add_model_args, check_models, load_pair, parse_params
+from proxyalign.cli_args import (
+    add_model_args,
+    add_ray_args,
+    check_models,
+    load_pair,
+    parse_params,
+    replica_resources,
+)
 from proxyalign.errors import InvalidParameterError, ProxyAlignError
 from proxyalign.server.config import ServerConfig
 
@@ -52,9 +59,6 @@ on Ray Serve (pip install 'proxyalign[ray]'; docs/scaling.md): the same app as r
 own engine, behind Serve's HTTP proxy on --host/--port:
   proxyalign serve --base ... --aligned ... --ray --replicas 2 --num-gpus-per-replica 1
 """
-
-#: The options that only mean something with ``--ray``.
-RAY_FLAGS = ("replicas", "autoscaling", "num_cpus_per_replica", "num_gpus_per_replica")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,19 +160,14 @@ VLLM_MISSING = (
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     """``--ray`` and the replicas' options (checked by :func:`ray_options_from_args`)."""
     ray = parser.add_argument_group("ray (serve on Ray Serve replicas: pip install 'proxyalign[ray]')")
-    ray.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="serve as Ray Serve replicas, each with its own engine. ADDRESS as ray.init takes it; "
+    count = ray.add_mutually_exclusive_group()
+    add_ray_args(
+        ray,
+        ray_help="serve as Ray Serve replicas, each with its own engine. ADDRESS as ray.init takes it; "
         "none: $RAY_ADDRESS or a cluster running on this machine, else a new local one; 'auto': a "
         "running cluster only; 'local': always a new one; HOST:PORT or ray://HOST:PORT",
-    )
-    count = ray.add_mutually_exclusive_group()
-    count.add_argument(
-        "--replicas", type=int, default=None, metavar="N", help="a fixed number of replicas (default 1)"
+        replicas_help="a fixed number of replicas (default 1)",
+        replicas_group=count,
     )
     count.add_argument(
         "--autoscaling",
@@ -177,31 +176,14 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
         help='Ray Serve\'s autoscaling_config, e.g. \'{"min_replicas": 1, "max_replicas": 4, '
         '"target_ongoing_requests": 32}\'',
     )
-    ray.add_argument(
-        "--num-cpus-per-replica",
-        type=float,
-        default=None,
-        metavar="N",
-        help="CPUs per replica (default: 1 with GPUs; on a CPU-only cluster, its CPUs shared evenly)",
-    )
-    ray.add_argument(
-        "--num-gpus-per-replica",
-        type=float,
-        default=None,
-        metavar="N",
-        help="GPUs per replica, fractions allowed (default: 1 when the cluster has GPUs, else 0)",
-    )
 
 
 def ray_options_from_args(args: argparse.Namespace) -> Replicas | None:
     """The replicas of ``--ray``, checked (the ray extra too), or None without ``--ray``. Nothing starts
     here; the flags and their defaults are those of ``proxyalign eval --ray``, plus ``--autoscaling``."""
     if args.ray is None:
-        given = [f"--{name.replace('_', '-')}" for name in RAY_FLAGS if getattr(args, name) is not None]
-        if given:
-            raise InvalidParameterError(f"{given[0]} needs --ray")
+        replica_resources(args, extra_flags=("autoscaling",))  # refuses a replica option without --ray
         return None
-    from proxyalign.cluster import ReplicaResources
     from proxyalign.server.ray_serve import Replicas, check_autoscaling, import_serve
 
     import_serve()
@@ -217,12 +199,9 @@ def ray_options_from_args(args: argparse.Namespace) -> Replicas | None:
                 f"got {args.autoscaling!r}"
             )
         autoscaling = check_autoscaling(value)
-    most = int(autoscaling.get("max_replicas", 1)) if autoscaling is not None else args.replicas
-    resources = ReplicaResources(
-        replicas=1 if most is None else most,
-        num_cpus=args.num_cpus_per_replica,
-        num_gpus=args.num_gpus_per_replica,
-    )
+    most = int(autoscaling.get("max_replicas", 1)) if autoscaling is not None else None
+    resources = replica_resources(args, replicas=most)
+    assert resources is not None  # --ray was given
     return Replicas(resources, autoscaling)
 
 

@@ -14,10 +14,18 @@ from proxyalign.engine.hybrid import hybrid_log_pi
 from proxyalign.engine.sampling import RowSampling, SamplingConfig
 from proxyalign.plugins import get_criterion
 
-__all__ = ["TINY_REAL_VOCAB", "full_logprobs", "reference_log_pi", "save_tiny_vllm_models"]
+__all__ = [
+    "TINY_PADDED_VOCAB",
+    "TINY_REAL_VOCAB",
+    "full_logprobs",
+    "reference_log_pi",
+    "save_tiny_vllm_models",
+]
 
-#: The tiny tokenizer's vocabulary; the tiny p and q pad their output layers beyond it (to 72).
+#: The tiny tokenizer's vocabulary; the tiny p and q pad their output layers beyond it.
 TINY_REAL_VOCAB = 64
+#: The tiny p's (and q's) output width, padding included: the width of vLLM's logprobs.
+TINY_PADDED_VOCAB = 72
 
 
 def save_tiny_vllm_models(root: str | Path) -> dict[str, str]:
@@ -31,7 +39,12 @@ def save_tiny_vllm_models(root: str | Path) -> dict[str, str]:
     from proxyalign.testing import tiny_model, tiny_tokenizer
 
     dirs = {}
-    for role, seed, layers, vocab in (("base", 0, 2, 72), ("aligned", 1, 1, 64), ("small_base", 2, 1, 72)):
+    models = (
+        ("base", 0, 2, TINY_PADDED_VOCAB),
+        ("aligned", 1, 1, TINY_REAL_VOCAB),
+        ("small_base", 2, 1, TINY_PADDED_VOCAB),
+    )
+    for role, seed, layers, vocab in models:
         path = Path(root) / role
         tiny_model(seed, layers, vocab_size=vocab, hidden=128, scale=0.5).save_pretrained(path)
         tiny_tokenizer().save_pretrained(path)

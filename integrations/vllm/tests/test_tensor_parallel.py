@@ -10,7 +10,7 @@ from proxyalign.engine.sampling import SamplingConfig
 from vllm import SamplingParams
 
 import proxyalign_vllm
-from proxyalign_vllm.testing import TINY_REAL_VOCAB, full_logprobs, reference_log_pi
+from proxyalign_vllm.testing import TINY_PADDED_VOCAB, TINY_REAL_VOCAB, full_logprobs, reference_log_pi
 
 PROMPT = [3, 9, 8, 7, 6, 5]
 SAMPLING = SamplingConfig(temperature=0.8, top_k=20, top_p=0.9, criterion_on="raw")
@@ -40,8 +40,7 @@ def test_tensor_parallel_log_pi_equals_proxyalign(
     proxyalign_vllm.set_criterion(llm, criterion)
     params = SamplingParams(max_tokens=5, logprobs=-1, seed=3, ignore_eos=True)
     output = llm.generate([{"prompt_token_ids": PROMPT}], params, use_tqdm=False)[0].outputs[0]
-    width = 72
-    got = [full_logprobs(step, width) for step in output.logprobs]
+    got = [full_logprobs(step, TINY_PADDED_VOCAB) for step in output.logprobs]
     sequence = PROMPT + list(output.token_ids)
     positions = range(len(PROMPT) - 1, len(sequence) - 1)
     want = reference_log_pi(hf_models, criterion, {}, sequence, positions, TINY_REAL_VOCAB, SAMPLING)

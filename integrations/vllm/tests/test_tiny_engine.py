@@ -14,10 +14,10 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
 import proxyalign_vllm
-from proxyalign_vllm.testing import TINY_REAL_VOCAB, full_logprobs, reference_log_pi
+from proxyalign_vllm.testing import TINY_PADDED_VOCAB, TINY_REAL_VOCAB, full_logprobs, reference_log_pi
 
 PROMPT = [3, 5, 6, 7, 8, 9]  # "<s> w5 w6 w7 w8 w9" in the tiny word-level tokenizer
-WIDTH = 72  # p's padded output layer
+WIDTH = TINY_PADDED_VOCAB  # p's padded output layer
 STEPS = 6
 #: Every built-in criterion, some with non-default parameters (they must reach the model).
 BUILTIN_CRITERIA: list[tuple[str, dict[str, Any]]] = [
