@@ -40,7 +40,9 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int)
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     group.add_argument("--criterion-on", default="scaled", choices=("scaled", "raw"))
-    group.add_argument("--mode", default="token", help="token (default), speculative, sss or sss_literal")
+    group.add_argument(
+        "--mode", default="token", help="token (default), speculative, sss, sss_literal or auto"
+    )
     group.add_argument("--gamma", default="4", help="speculative modes: drafts per round, or 'adaptive'")
 
 

@@ -36,8 +36,10 @@ DEFAULT_CRITERION = "confidence_bet"
 #: Decoding modes: "token" runs the hybrid token by token (lazy q* where the criterion allows it);
 #: "speculative" lets q* draft ``gamma`` tokens that p checks in one forward (same distribution);
 #: "sss" is speculative decoding of the ``implicit_reward`` target p q*/q (exact reward-shifted
-#: speculative sampling) and "sss_literal" the SSS paper's unnormalised rule (approximate).
-MODES: tuple[str, ...] = ("token", "speculative", "sss", "sss_literal")
+#: speculative sampling) and "sss_literal" the SSS paper's unnormalised rule (approximate). "auto"
+#: chooses token level or speculative (and its gamma) before every step, from this host's measured
+#: forward costs and the drafts' acceptance so far: same distribution, the faster way.
+MODES: tuple[str, ...] = ("token", "speculative", "sss", "sss_literal", "auto")
 SSS_MODES: tuple[str, ...] = ("sss", "sss_literal")
 #: The criterion whose target the SSS modes sample (a call in an SSS mode that names none gets it).
 SSS_CRITERION = "implicit_reward"

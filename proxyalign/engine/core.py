@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 
+from proxyalign.engine.auto import AutoLane, AutoPolicy, CostPolicy
 from proxyalign.engine.constraint import RowConstraint
+from proxyalign.engine.costs import ForwardCosts
 from proxyalign.engine.lanes import Lane, LaneRow, TokenLane
 from proxyalign.engine.memory import release_free_memory
 from proxyalign.engine.output import RowOutput
@@ -40,7 +42,26 @@ from proxyalign.engine.scheduler import PrefillJob, SchedulerConfig, reserved_to
 from proxyalign.engine.speculative import SpeculativeLane
 from proxyalign.errors import EngineClosedError, InvalidParameterError
 
-__all__ = ["Channel", "Engine", "Ticket"]
+__all__ = ["Channel", "Engine", "Ticket", "make_lane"]
+
+
+def make_lane(
+    key: LaneKey,
+    models: Mapping[str, Any],
+    vocab_size: int,
+    pad_id: int,
+    windows: Mapping[str, int | None],
+    policy: AutoPolicy | None = None,
+) -> Lane:
+    """An empty lane for ``key``'s kind over its models (``policy``: an auto lane's chooser)."""
+    kind, roles = key
+    window = min((w for role in roles if (w := windows.get(role))), default=None)
+    if kind == "auto":
+        if policy is None:
+            policy = CostPolicy(ForwardCosts({role: models[role] for role in roles}))
+        return AutoLane(key, dict(models), vocab_size, pad_id, window, policy)
+    lane_class = TokenLane if kind == "token" else SpeculativeLane
+    return lane_class(key, dict(models), vocab_size, pad_id, window)
 
 
 class Channel:
@@ -138,6 +159,10 @@ class Engine:
         self._reserved = 0
         self._thread: threading.Thread | None = None
         self._closed = False
+        #: forward costs of this pair on this host (mode="auto"), measured once and kept
+        self.costs = ForwardCosts(self.models)
+        #: mode="auto"'s chooser per lane key; kept while lanes come and go, so what it learnt stays
+        self.policies: dict[LaneKey, AutoPolicy] = {}
         self._totals: Counter[str] = Counter(decoded_tokens=0)  # the key exists before status() copies it
         self._snapshot: dict[str, Any] = {}
         self._publish()
@@ -306,10 +331,10 @@ class Engine:
     def _join(self, job: PrefillJob) -> None:
         lane = self._lanes.get(job.key)
         if lane is None:
-            kind, roles = job.key
-            lane_class = TokenLane if kind == "token" else SpeculativeLane
-            windows = [w for role in roles if (w := self.windows.get(role))]
-            lane = lane_class(job.key, self.models, self.vocab_size, self.pad_id, min(windows, default=None))
+            policy = None
+            if job.key[0] == "auto":
+                policy = self.policies.setdefault(job.key, CostPolicy(self.costs))
+            lane = make_lane(job.key, self.models, self.vocab_size, self.pad_id, self.windows, policy)
             self._lanes[job.key] = lane
         rows = []
         for ticket in job.tickets:
@@ -406,6 +431,11 @@ class Engine:
         lanes = {
             f"{kind}:{'+'.join(roles)}": len(lane) for (kind, roles), lane in self._lanes.items() if lane.rows
         }
+        choices = {
+            f"{kind}:{'+'.join(roles)}": {"choice": lane.choice.label, "reason": lane.choice.reason}
+            for (kind, roles), lane in self._lanes.items()
+            if isinstance(lane, AutoLane) and lane.rows and lane.choice is not None
+        }
         decoding = sum(lanes.values())
         prefilling = sum(len(job.tickets) for job in self._jobs)
         self._snapshot = {
@@ -414,6 +444,7 @@ class Engine:
             "decoding": decoding,
             "prefilling": prefilling,
             "lanes": lanes,
+            "auto": choices,
             "reserved_tokens": self._reserved,
             "max_rows": self.config.max_rows,
             "max_cached_tokens": self.config.max_cached_tokens,

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 from proxyalign.errors import InvalidParameterError
 
-__all__ = ["GAMMA_LIMITS", "GammaSchedule", "expected_tokens"]
+__all__ = ["AUTO_GAMMAS", "GAMMA_LIMITS", "GammaSchedule", "expected_tokens"]
 
 #: ``gamma`` accepted by :meth:`GammaSchedule.parse`: an int in this range, or ``"adaptive"``.
 GAMMA_LIMITS = (1, 64)
+#: The gammas ``mode="auto"`` weighs against token level.
+AUTO_GAMMAS: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
 
 
 def expected_tokens(acceptance: float, gamma: int) -> float:

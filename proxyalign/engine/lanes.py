@@ -54,6 +54,7 @@ class LaneRow:
     produced: int = 0
     forwards_at_join: tuple[int, int] = (0, 0)
     constraint: RowConstraint | None = None  #: the row's grammar state, if its output is constrained
+    policy_state: Any = None  #: what mode="auto"'s policy tracks for this row
 
     def uniforms(self, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.generator, dtype=torch.float64)
@@ -70,6 +71,7 @@ class RowStep:
     pgm_checked: int = 0
     pgm_holds: int = 0
     error: Exception | None = None
+    choice: Any = None  #: mode="auto": the lane's :class:`~proxyalign.engine.auto.Choice` for this step
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,9 @@ class RowOutput:
         stats.rejected_drafts += step.rejected
         stats.pgm_checks += step.pgm_checked
         stats.pgm_holds += step.pgm_holds
+        if step.choice is not None:
+            stats.choices[step.choice.label] = stats.choices.get(step.choice.label, 0) + 1
+            stats.choice_reason = step.choice.reason
         if stats.first_token_s is None and step.tokens:
             stats.first_token_s = elapsed
         chunk = GenerationChunk(index=self.request.index, text="", token_ids=[], sources=[])

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
 __all__ = ["LaneKey", "Request", "ToolParsing", "derive_seed", "lane_key", "roles_for"]
 
-#: How a lane decodes: token by token, exact speculative, or the SSS paper's literal rule.
-LaneKind = Literal["token", "speculative", "sss_literal"]
+#: How a lane decodes: token by token, exact speculative, the SSS paper's literal rule, or either of the
+#: first two chosen per step (``mode="auto"``).
+LaneKind = Literal["token", "speculative", "sss_literal", "auto"]
 LaneKey = tuple[str, tuple[str, ...]]
 
 
@@ -44,8 +45,8 @@ def lane_key(mode: str, criterion: Criterion) -> LaneKey:
     roles = roles_for(criterion)
     if mode == "token" or criterion.kind is CriterionKind.ALIGNED_ONLY:
         kind = "token"
-    elif mode == "sss_literal":
-        kind = "sss_literal"
+    elif mode in ("sss_literal", "auto"):
+        kind = mode
     else:
         kind = "speculative"
     return kind, roles
@@ -82,7 +83,7 @@ class Request:
     sampling: SamplingConfig
     max_new_tokens: int
     stop: tuple[str, ...] = ()
-    mode: str = "token"  #: "token", "speculative", "sss" or "sss_literal"
+    mode: str = "token"  #: "token", "speculative", "sss", "sss_literal" or "auto"
     gamma: int | str = 4
     seed: int | None = None
     index: int = 0  #: the caller's index of this prompt, echoed in its chunks

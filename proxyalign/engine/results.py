@@ -58,6 +58,9 @@ class GenerationStats:
     first_token_s: float | None = None  #: from submission to the first new token
     base_forwards: int = 0  #: forward passes of p this row took part in (shared with its batch)
     aligned_forwards: int = 0  #: forward passes of q* this row took part in (shared with its batch)
+    #: mode="auto": the lane's steps this row took part in, by choice ("token", "gamma 4", ...)
+    choices: dict[str, int] = field(default_factory=dict)
+    choice_reason: str | None = None  #: mode="auto": why the last of those steps was chosen
 
     @property
     def rejection_rate(self) -> float | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from proxyalign.engine.gamma import GammaSchedule
+from proxyalign.engine.gamma import AUTO_GAMMAS, GammaSchedule
 from proxyalign.engine.request import LaneKey, Request
 from proxyalign.engine.runner import ModelRunner, keeps_a_hole, left_pad
 from proxyalign.errors import InvalidParameterError
@@ -54,7 +54,9 @@ def reserved_tokens(request: Request) -> int:
     """Cache positions a request may occupy per model: its prompt, its new tokens and, in speculative
     modes, one round of drafts beyond them."""
     overshoot = 0
-    if request.speculative:
+    if request.key[0] == "auto":
+        overshoot = max(AUTO_GAMMAS) + 1
+    elif request.speculative:
         schedule = GammaSchedule.parse(request.gamma)
         overshoot = (schedule.high if schedule.adaptive else schedule.value) + 1
     return request.longest_prompt + request.max_new_tokens + overshoot

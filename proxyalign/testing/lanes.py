@@ -7,11 +7,11 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
-from proxyalign.engine.core import Engine
-from proxyalign.engine.lanes import Lane, LaneRow, TokenLane
+from proxyalign.engine.auto import AutoPolicy
+from proxyalign.engine.core import Engine, make_lane
+from proxyalign.engine.lanes import Lane, LaneRow
 from proxyalign.engine.request import Request
 from proxyalign.engine.scheduler import PrefillJob
-from proxyalign.engine.speculative import SpeculativeLane
 from proxyalign.models import context_window
 
 __all__ = ["manual_engine", "prefilled_lane"]
@@ -34,10 +34,11 @@ def manual_engine(aligner: Any, **scheduler: int) -> Engine:
     )
 
 
-def prefilled_lane(aligner: Any, requests: Sequence[Request]) -> Lane:
+def prefilled_lane(aligner: Any, requests: Sequence[Request], policy: AutoPolicy | None = None) -> Lane:
     """A lane holding ``requests`` (from ``aligner.requests(...)``, all of one lane), prefilled at once.
 
     ``lane.step()`` then advances them as the engine would; ``lane.runners`` are the models' states.
+    ``policy`` chooses the steps of a ``mode="auto"`` lane (default: measured costs).
     """
     keys = {request.key for request in requests}
     if len(keys) != 1:
@@ -47,11 +48,8 @@ def prefilled_lane(aligner: Any, requests: Sequence[Request]) -> Lane:
     job = PrefillJob(key, tickets, aligner.models, aligner.pad_token_id)
     while not job.done:
         job.advance(1 << 30)
-    windows = [w for role in key[1] if (w := context_window(aligner.models[role]))]
-    lane_class = TokenLane if key[0] == "token" else SpeculativeLane
-    lane = lane_class(
-        key, aligner.models, aligner.vocab_size, aligner.pad_token_id, min(windows, default=None)
-    )
+    windows = {role: context_window(model) for role, model in aligner.models.items()}
+    lane = make_lane(key, aligner.models, aligner.vocab_size, aligner.pad_token_id, windows, policy)
     rows = [LaneRow(r, None, r.generator(), r.prompt_tokens) for r in requests]
     lane.join(rows, job.finish())
     return lane
