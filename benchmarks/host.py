@@ -8,6 +8,10 @@ import platform
 
 import torch
 
+#: Environment variables that make oneDNN and ATen use a smaller instruction set than the CPU has, e.g.
+#: ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` to measure an AVX2-only host on an AMX one.
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
 
 def describe_host() -> str:
     model, flags = platform.processor() or platform.machine() or "unknown CPU", set()
@@ -21,7 +25,9 @@ def describe_host() -> str:
     except OSError:
         pass
     wanted = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in {"avx2", "fma"})
+    limits = [f"{name}={os.environ[name]}" for name in ISA_LIMITS if os.environ.get(name)]
     return (
         f"{model}, {os.cpu_count()} cores; flags: {' '.join(wanted) or 'n/a'}; "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+        + (f"; instruction set limited by {' '.join(limits)}" if limits else "")
     )

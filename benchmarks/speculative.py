@@ -19,6 +19,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class Run:
     first_tokens: int
     acceptance: float | None = None
     per_forward: float = 1.0
+    choices: str = ""  #: mode="auto": steps by choice, over the batch's rows
 
     @property
     def rate(self) -> float:
@@ -152,10 +154,17 @@ def ours(
     rates = [g.stats.acceptance_rate for g in gens if g.stats.acceptance_rate is not None]
     per_forward = tokens / len(gens) / max(g.stats.base_forwards for g in gens)
     acceptance = statistics.median(rates) if rates and options.get("mode") != "token" else None
-    return Run(seconds, tokens, first_seconds or seconds, first_tokens, acceptance, per_forward)
+    choices: Counter[str] = Counter()
+    for g in gens:
+        choices.update(g.stats.choices)
+    shown = ", ".join(f"{label} x{n}" for label, n in choices.most_common())
+    return Run(seconds, tokens, first_seconds or seconds, first_tokens, acceptance, per_forward, shown)
 
 
-def methods(gammas: list[str]) -> list[tuple[str, dict[str, Any]]]:
+AUTO = f"auto {CRITERION}"
+
+
+def methods(gammas: list[str], auto: bool = False) -> list[tuple[str, dict[str, Any]]]:
     found: list[tuple[str, dict[str, Any]]] = [
         ("HF generate, p alone", {}),
         (f"token-level {CRITERION}", {"mode": "token"}),
@@ -163,7 +172,22 @@ def methods(gammas: list[str]) -> list[tuple[str, dict[str, Any]]]:
     for g in gammas:
         gamma: int | str = g if g == "adaptive" else int(g)
         found.append((f"speculative {CRITERION}, gamma={g}", {"mode": "speculative", "gamma": gamma}))
+    if auto:
+        found.append((AUTO, {"mode": "auto"}))
     return found
+
+
+def auto_verdict(batch: int, results: dict[str, list[Run]]) -> str:
+    """mode="auto" against the best fixed mode and token level (medians; issue #18's target: within 5%
+    of the best, never below token level)."""
+    median = {name: statistics.median(r.rate for r in runs) for name, runs in results.items()}
+    fixed = {name: rate for name, rate in median.items() if name not in (AUTO, "HF generate, p alone")}
+    best = max(fixed, key=fixed.__getitem__)
+    token = median[f"token-level {CRITERION}"]
+    return (
+        f"batch {batch}: auto {median[AUTO]:.2f} tok/s = {median[AUTO] / fixed[best]:.3f}x the best fixed "
+        f"mode ({best}, {fixed[best]:.2f}) and {median[AUTO] / token:.3f}x token level"
+    )
 
 
 def run(args: argparse.Namespace, aligner: ProxyAligner) -> list[str]:
@@ -172,24 +196,36 @@ def run(args: argparse.Namespace, aligner: ProxyAligner) -> list[str]:
         "| vs p alone | acceptance | tokens / p forward |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    verdicts = []
     for batch_size in args.batches:
         batch = prompts(batch_size, args.shots)
-        results: dict[str, list[Run]] = {name: [] for name, _ in methods(args.gammas)}
+        results: dict[str, list[Run]] = {name: [] for name, _ in methods(args.gammas, args.auto)}
         hf_generate(aligner, batch, 4, args.temperature, 0)  # warm-up of both code paths
         ours(aligner, batch, 4, args.temperature, 0, mode="speculative")
+        if args.auto:  # auto measures its forward costs at this batch size once: shown apart
+            measured = aligner.engine.costs.measuring_s
+            ours(aligner, batch, 4, args.temperature, 0, mode="auto")
+            print(
+                f"auto measured forward costs at batch {batch_size} in "
+                f"{aligner.engine.costs.measuring_s - measured:.1f}s (once per pair)",
+                flush=True,
+            )
         for rep in range(args.reps):
-            for name, options in methods(args.gammas):  # interleaved, so drift hits every method alike
+            for name, options in methods(args.gammas, args.auto):  # interleaved: drift hits all alike
                 call = ours if options else hf_generate
                 result = call(aligner, batch, args.max_new_tokens, args.temperature, rep, **options)
                 results[name].append(result)
                 print(
                     f"batch {batch_size} rep {rep} {name}: {result.rate:.2f} tok/s, "
-                    f"{result.decode_rate:.2f} after the first step",
+                    f"{result.decode_rate:.2f} after the first step"
+                    + (f"; row-steps by choice: {result.choices}" if result.choices else ""),
                     flush=True,
                 )
         reference = results["HF generate, p alone"]
         lines += [summary(name, batch_size, runs, reference) for name, runs in results.items()]
-    return lines
+        if args.auto:
+            verdicts.append(auto_verdict(batch_size, results))
+    return lines + verdicts
 
 
 @contextmanager
@@ -293,6 +329,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--shots", type=int, default=1, help="worked examples in p's plain prompt")
+    parser.add_argument("--auto", action="store_true", help='also mode="auto", and how it compares')
     parser.add_argument("--profile", action="store_true", help="split a speculative call's time instead")
     parser.add_argument(
         "--tiny-sss", action="store_true", help="SSS vs the speculative hybrid on tiny models"
