@@ -191,31 +191,27 @@ class HostCosts:
 
 
 def fake_lane(rows=1, acceptance=None, criterion="confidence_bet", left=100):
-    """What CostPolicy reads of a lane: rows (with their progress), roles, criteria kinds, window."""
+    """What CostPolicy reads of a lane: rows (with their progress), roles, criteria kinds, window.
+    ``acceptance``: every row's draft acceptance so far (the policy's prior in :func:`choose`)."""
     crit = proxyalign.get_criterion(criterion)
     lane_rows = []
     for _ in range(rows):
         request = SimpleNamespace(max_new_tokens=left, criterion=crit)
         lane_rows.append(LaneRow(request, None, torch.Generator(), 5))
-    lane = SimpleNamespace(
+    return SimpleNamespace(
         rows=lane_rows,
         roles=roles_for(crit),
         lazy_only=crit.kind.name == "LAZY",
         window_room=lambda: math.inf,
         q_star_ran=False,
+        acceptance=acceptance,
     )
-    if acceptance is not None:
-        policy = CostPolicy(HostCosts())
-        for row in lane_rows:
-            policy._row(row).acceptance = acceptance
-    return lane
 
 
 def choose(costs, lane, **policy_options):
+    if lane.acceptance is not None:
+        policy_options.setdefault("prior", lane.acceptance)
     policy = CostPolicy(costs, **policy_options)
-    for row in lane.rows:
-        if row.policy_state is not None:
-            policy._row(row).acceptance = row.policy_state.acceptance
     return policy, policy.choose(lane)
 
 
@@ -269,16 +265,33 @@ def test_rows_near_their_end_gain_nothing_from_drafts():
 
 
 def test_rejections_lower_a_rows_estimate_and_token_steps_drift_it_back():
-    policy = CostPolicy(HostCosts(), prior=0.8, smoothing=0.5, drift=0.1)
+    policy = CostPolicy(HostCosts(), prior=0.8, prior_weight=2, drift=0.1)
     lane = fake_lane(rows=1)
     (row,) = lane.rows
+    assert policy.acceptance(row) == pytest.approx(0.8)
     rejected = SimpleNamespace(drafted=1, rejected=1)
     policy.observe(lane, Choice(4), [rejected], 0.5)
-    assert policy._row(row).acceptance == pytest.approx(0.4)
+    assert policy.acceptance(row) == pytest.approx(1.6 / 3)
     for _ in range(10):
         policy.observe(lane, Choice(0), [SimpleNamespace(drafted=0, rejected=0)], 0.1)
-    assert 0.6 < policy._row(row).acceptance < 0.8
+    assert 0.6 < policy.acceptance(row) < 0.8
     assert set(policy.correction) == {"token", "speculative"}
+
+
+def test_acceptance_counts_drafts_not_rounds():
+    """A failed 1-draft round is one draft of evidence against the prior's four, many drafts outweigh
+    the prior, and old drafts fade."""
+    policy = CostPolicy(HostCosts(), prior=0.8, prior_weight=4, memory=0.97)
+    lane = fake_lane(rows=2)
+    short, long = lane.rows
+    policy.record(short, passed=0, checked=1)
+    assert policy.acceptance(short) == pytest.approx(3.2 / 5)
+    for _ in range(20):
+        policy.record(long, passed=5, checked=6)
+    assert abs(policy.acceptance(long) - 5 / 6) < 0.01
+    for _ in range(20):
+        policy.record(long, passed=6, checked=6)
+    assert policy.acceptance(long) > 0.95, "the last 120 drafts all passed: the early ones have faded"
 
 
 def test_measured_step_times_correct_the_forward_costs():

@@ -9,8 +9,9 @@ the option with the highest expected tokens per second from
 - the costs of the forwards each option runs, measured on this host for this pair at this batch size
   (:class:`~proxyalign.engine.costs.ForwardCosts`): a token step is one p forward (plus q*'s when a
   row needs it), a round of gamma drafts is gamma q* steps and one p forward over gamma + 1 positions;
-- each row's acceptance rate of q*'s drafts, tracked as it decodes: a round yields
-  ``(1 - a^(gamma+1)) / (1 - a)`` tokens per row on average;
+- each row's acceptance rate of q*'s drafts, tracked as it decodes (drafts passed over drafts checked,
+  older drafts weighing less, starting from a prior): a round yields ``(1 - a^(gamma+1)) / (1 - a)``
+  tokens per row on average;
 - a correction learnt from the steps' measured durations (criterion, sampling, host transfers: what the
   forwards alone leave out).
 
@@ -67,17 +68,24 @@ class AutoPolicy(Protocol):
 
 @dataclass
 class _Row:
-    """What the policy keeps per row: its draft acceptance estimate."""
+    """What the policy keeps per row: its drafts checked and passed, older ones discounted.
 
-    acceptance: float
+    Counting drafts, not rounds, weighs a round by what it revealed: a 1-draft round that fails says
+    less than a 6-draft one, and an estimate moved a fixed step per round got stuck on short rounds
+    after one unlucky draft (measured on the offline pair)."""
+
+    passed: float = 0.0
+    checked: float = 0.0
 
 
 class CostPolicy:
     """Expected tokens per second of each option, from measured forward costs and tracked acceptance.
 
-    - ``prior``: acceptance assumed for a row before its first speculative round (and drifted back to
-      during token steps, ``drift`` of the way per step);
-    - ``smoothing``: weight of a round's observed acceptance in a row's moving estimate;
+    - ``prior``: acceptance assumed for a row before its first speculative round, worth
+      ``prior_weight`` drafts of evidence;
+    - ``memory``: each draft checked discounts the row's earlier evidence by this factor (about
+      ``1 / (1 - memory)`` recent drafts count), and each token step by ``1 - drift``, so the estimate
+      drifts back to the prior while nothing is drafted;
     - ``margin``: speculation must beat token level by this fraction, so measurement noise cannot
       make auto slower than the token-level hybrid.
     """
@@ -88,14 +96,16 @@ class CostPolicy:
         *,
         gammas: Sequence[int] = AUTO_GAMMAS,
         prior: float = 0.8,
-        smoothing: float = 0.3,
+        prior_weight: float = 4.0,
+        memory: float = 0.97,
         drift: float = 0.02,
         margin: float = 0.03,
     ) -> None:
         self.costs = costs
         self.gammas = tuple(sorted(gammas))
         self.prior = prior
-        self.smoothing = smoothing
+        self.prior_weight = prior_weight
+        self.memory = memory
         self.drift = drift
         self.margin = margin
         #: measured / predicted seconds of the lane's steps, per kind of step (moving average)
@@ -107,7 +117,7 @@ class CostPolicy:
     def choose(self, lane: AutoLane) -> Choice:
         rows = len(lane.rows)
         remaining = [row.request.max_new_tokens - row.produced for row in lane.rows]
-        acceptance = [self._row(row).acceptance for row in lane.rows]
+        acceptance = [self.acceptance(row) for row in lane.rows]
         token_s = self._token_seconds(lane, rows)
         rates = {"token": rows / token_s}
         for gamma in self._viable(lane, rows, token_s):
@@ -179,7 +189,7 @@ class CostPolicy:
         if choice.gamma == 0:
             predicted = self._token_seconds(lane, rows) / self._correction("token")
         else:
-            acceptance = [self._row(row).acceptance for row in lane.rows]
+            acceptance = [self.acceptance(row) for row in lane.rows]
             predicted = self._round_seconds(lane, rows, choice.gamma, acceptance) / self._correction(
                 "speculative"
             )
@@ -187,16 +197,23 @@ class CostPolicy:
         old = self.correction.get(kind)
         self.correction[kind] = ratio if old is None else old + 0.3 * (ratio - old)
         for row, step in zip(lane.rows, steps, strict=True):
-            state = self._row(row)
-            if choice.gamma == 0:
-                state.acceptance += self.drift * (self.prior - state.acceptance)
-            elif step.drafted:
-                observed = (step.drafted - step.rejected) / step.drafted
-                state.acceptance += self.smoothing * (observed - state.acceptance)
+            self.record(row, step.drafted - step.rejected, step.drafted, token_step=choice.gamma == 0)
+
+    def record(self, row: LaneRow, passed: int, checked: int, *, token_step: bool = False) -> None:
+        """Add a step's evidence to a row's estimate: ``checked`` drafts of which ``passed`` passed."""
+        state = self._row(row)
+        keep = (1 - self.drift) if token_step else self.memory**checked
+        state.passed = state.passed * keep + passed
+        state.checked = state.checked * keep + checked
+
+    def acceptance(self, row: LaneRow) -> float:
+        """The row's estimated probability that a draft passes."""
+        state = self._row(row)
+        return (self.prior * self.prior_weight + state.passed) / (self.prior_weight + state.checked)
 
     def _row(self, row: LaneRow) -> _Row:
         if not isinstance(row.policy_state, _Row):
-            row.policy_state = _Row(self.prior)
+            row.policy_state = _Row()
         return row.policy_state
 
 
