@@ -255,6 +255,25 @@ def test_extensions_and_n_choices_reach_the_aligner(client, pa):
     assert done.choices[0].text == alone(pa, per_role, temperature=0, max_new_tokens=6).text
 
 
+def test_auto_mode_answers_and_counts_its_choices_in_metrics(client, http):
+    """mode "auto" through the server: an answer of the asked length, and its steps by choice in /metrics."""
+
+    def steps_by_choice() -> dict[str, float]:
+        prefix = 'proxyalign_auto_steps_total{choice="'
+        lines = [line for line in http.get("/metrics").text.splitlines() if line.startswith(prefix)]
+        return {line[len(prefix) :].split('"')[0]: float(line.split()[-1]) for line in lines}
+
+    before = steps_by_choice()
+    reply = client.completions.create(
+        model=MODEL, prompt="w5 w6", max_tokens=12, seed=1, extra_body={"mode": "auto", "gamma": 3}
+    )
+    assert reply.usage.completion_tokens == 12 or reply.choices[0].finish_reason == "stop"
+    after = steps_by_choice()
+    added = {choice: after[choice] - before.get(choice, 0) for choice in after}
+    assert set(added) <= {"token"} | {f"gamma {g}" for g in range(1, 7)}
+    assert 1 <= sum(added.values()) <= reply.usage.completion_tokens
+
+
 def test_neutral_values_of_unsupported_parameters_are_accepted(client, pa):
     reply = client.chat.completions.create(
         model=MODEL,

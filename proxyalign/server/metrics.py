@@ -126,6 +126,12 @@ class ServerMetrics:
             buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
             registry=registry,
         )
+        self.auto_steps = Counter(
+            "proxyalign_auto_steps",
+            'mode="auto": decoding steps of answered choices, by what was chosen ("token", "gamma 4", ...)',
+            ["choice"],
+            registry=registry,
+        )
         self.latency = Histogram(
             "proxyalign_request_latency_seconds",
             "from request arrival to its last token",
@@ -158,6 +164,8 @@ class ServerMetrics:
         self.rejected_drafts.inc(stats.rejected_drafts)
         if stats.rejection_rate is not None:
             self.rejection_rate.observe(stats.rejection_rate)
+        for choice, steps in stats.choices.items():
+            self.auto_steps.labels(choice).inc(steps)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""
