@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from proxyalign.errors import InvalidParameterError, ModelLoadError, TokenizerMismatchError
+from proxyalign.precision import upcast_wide_matmuls
 
 __all__ = [
     "DTYPES",
@@ -160,6 +161,7 @@ def load_model(
     if device_map is None:
         model = model.to(resolve_device(device, role))
     model.eval()
+    upcast_wide_matmuls(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=os.fspath(spec))
 
 

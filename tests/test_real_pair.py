@@ -164,3 +164,33 @@ def test_a_schema_constrained_answer_parses_and_a_forced_call_names_its_tool(pai
     )
     assert [c.name for c in call.tool_calls] == ["calculator"] and call.content == ""
     assert set(call.tool_calls[0].parsed_arguments) == {"expression"}
+
+
+def test_wide_float32_prefill_keeps_p_s_next_token_distribution(pair):
+    """p's logits after a real prompt, its prefill's linear layers in bf16 and then in float32 (as on a
+    host that emulates bf16): the same next-token distribution up to bf16 rounding."""
+    from proxyalign.precision import upcast_wide_matmuls
+
+    model = pair.models["base"]
+    ids = pair.tokenizer(f"# {QUESTION}\ndef", return_tensors="pt").input_ids
+    assert ids.shape[1] >= 8
+    keys = ("forward", "float32_from_rows")
+    as_loaded = {
+        module: {k: vars(module)[k] for k in keys if k in vars(module)} for module in model.modules()
+    }
+
+    def next_token_logprobs(from_rows: int) -> torch.Tensor:
+        upcast_wide_matmuls(model, rows=from_rows)
+        return torch.log_softmax(model(input_ids=ids, logits_to_keep=1).logits[0, -1].float(), -1)
+
+    with torch.inference_mode():
+        try:
+            bf16, wide = next_token_logprobs(10**9), next_token_logprobs(8)
+        finally:  # the module's pair is shared with the other tests: back to how it was loaded
+            for module, saved in as_loaded.items():
+                for key in keys:
+                    vars(module).pop(key, None)
+                vars(module).update(saved)
+    total_variation = 0.5 * (bf16.exp() - wide.exp()).abs().sum().item()
+    assert total_variation < 0.05, total_variation
+    assert bf16.argmax() == wide.argmax()
