@@ -58,9 +58,14 @@ _scratch = _Scratch()
 
 
 def _as_float32(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` in float32, in this thread's scratch buffer (valid until the next call)."""
+    """``weight`` in float32, in this thread's scratch buffer (valid until the next call).
+
+    The buffer is a normal tensor even when first needed under ``torch.inference_mode`` (the engine's
+    steps): an inference tensor could not be written outside it (HF ``generate`` runs under ``no_grad``).
+    """
     if _scratch.buffer is None or _scratch.buffer.numel() < weight.numel():
-        _scratch.buffer = torch.empty(weight.numel(), dtype=torch.float32)
+        with torch.inference_mode(False):
+            _scratch.buffer = torch.empty(weight.numel(), dtype=torch.float32)
     upcast = _scratch.buffer[: weight.numel()].view(weight.shape)
     upcast.copy_(weight)
     return upcast
@@ -85,7 +90,8 @@ def float32_rows(out_features: int, in_features: int, threads: int) -> int | Non
 
 
 def _linear_with_wide_float32(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.numel() >= self.float32_from_rows * self.in_features:
+    # With autograd recording, a shared buffer rewritten by the next layer would corrupt the graph.
+    if x.numel() >= self.float32_from_rows * self.in_features and not torch.is_grad_enabled():
         bias = None if self.bias is None else self.bias.float()
         return F.linear(x.float(), _as_float32(self.weight), bias).to(x.dtype)
     return F.linear(x, self.weight, self.bias)

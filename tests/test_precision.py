@@ -89,3 +89,31 @@ def test_the_hybrid_decodes_the_same_with_wide_float32():
         (out,) = pa.generate("w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", max_new_tokens=8, temperature=0)
         texts.append(out.text)
     assert texts[0] == texts[1]
+
+
+def test_wide_calls_work_in_and_out_of_inference_mode_and_under_autograd():
+    """The scratch buffer is first made inside the engine's inference mode; HF ``generate`` (no_grad)
+    and training (autograd) must still run on the same model afterwards, in any order."""
+    import threading
+
+    plain, wide = bf16_model(), bf16_model()
+    upcast_wide_matmuls(wide, rows=8)
+    ids = torch.randint(10, 40, (2, 6))
+    failures: list[BaseException] = []
+
+    def fresh_thread() -> None:  # a new thread: its scratch buffer does not exist yet
+        try:
+            with torch.inference_mode():
+                wide(input_ids=ids)
+            with torch.no_grad():
+                expected, got = plain(input_ids=ids).logits.float(), wide(input_ids=ids).logits.float()
+            assert torch.allclose(got, expected, atol=0.05, rtol=0.02)
+            wide(input_ids=ids).logits.float().sum().backward()
+            assert all(p.grad is not None for p in wide.parameters() if p.requires_grad)
+        except BaseException as error:  # reported by the main thread
+            failures.append(error)
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert not failures, failures[0]
