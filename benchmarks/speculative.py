@@ -29,6 +29,7 @@ import torch
 from host import describe_host
 
 from proxyalign.aligner import ProxyAligner
+from proxyalign.engine.gamma import AUTO_GAMMAS
 from proxyalign.engine.runner import ModelRunner, left_pad
 from proxyalign.eval.data import load_gsm8k
 from proxyalign.testing import real_pair_dirs
@@ -47,6 +48,7 @@ class Run:
     acceptance: float | None = None
     per_forward: float = 1.0
     choices: str = ""  #: mode="auto": steps by choice, over the batch's rows
+    calibrating_s: float = 0.0  #: mode="auto": forward costs measured during this call (should be 0)
 
     @property
     def rate(self) -> float:
@@ -137,6 +139,7 @@ def ours(
     aligner: ProxyAligner, batch: list[dict[str, str]], n: int, temperature: float, seed: int, **options: Any
 ) -> Run:
     """One streamed call through the engine; the first step ends where a row index comes back."""
+    measured = aligner.engine.costs.measuring_s
     start = time.perf_counter()
     first_seconds, first_tokens, seen = 0.0, 0, set()
     gens = []
@@ -158,7 +161,10 @@ def ours(
     for g in gens:
         choices.update(g.stats.choices)
     shown = ", ".join(f"{label} x{n}" for label, n in choices.most_common())
-    return Run(seconds, tokens, first_seconds or seconds, first_tokens, acceptance, per_forward, shown)
+    calibrating = aligner.engine.costs.measuring_s - measured
+    return Run(
+        seconds, tokens, first_seconds or seconds, first_tokens, acceptance, per_forward, shown, calibrating
+    )
 
 
 AUTO = f"auto {CRITERION}"
@@ -206,14 +212,10 @@ def run(args: argparse.Namespace, aligner: ProxyAligner) -> list[str]:
         results: dict[str, list[Run]] = {name: [] for name, _ in methods(args.gammas, args.auto)}
         hf_generate(aligner, batch, 4, args.temperature, 0)  # warm-up of both code paths
         ours(aligner, batch, 4, args.temperature, 0, mode="speculative")
-        if args.auto:  # auto measures its forward costs at this batch size once: shown apart
-            measured = aligner.engine.costs.measuring_s
+        if args.auto:  # auto's forward costs at every size the batch passes through, once: shown apart
+            spent = aligner.engine.costs.calibrate(batch_size, max(AUTO_GAMMAS) + 1)
+            print(f"auto measured forward costs up to batch {batch_size} in {spent:.1f}s (once per pair)")
             ours(aligner, batch, 4, args.temperature, 0, mode="auto")
-            print(
-                f"auto measured forward costs at batch {batch_size} in "
-                f"{aligner.engine.costs.measuring_s - measured:.1f}s (once per pair)",
-                flush=True,
-            )
         for rep in range(args.reps):
             for name, options in methods(args.gammas, args.auto):  # interleaved: drift hits all alike
                 call = ours if options else hf_generate
@@ -222,7 +224,8 @@ def run(args: argparse.Namespace, aligner: ProxyAligner) -> list[str]:
                 print(
                     f"batch {batch_size} rep {rep} {name}: {result.rate:.2f} tok/s, "
                     f"{result.decode_rate:.2f} after the first step"
-                    + (f"; row-steps by choice: {result.choices}" if result.choices else ""),
+                    + (f"; row-steps by choice: {result.choices}" if result.choices else "")
+                    + (f"; measured costs for {result.calibrating_s:.1f}s" if result.calibrating_s else ""),
                     flush=True,
                 )
         reference = results["HF generate, p alone"]

@@ -23,6 +23,7 @@ from proxyalign.engine.costs import ForwardCosts, row_buckets
 from proxyalign.engine.gamma import AUTO_GAMMAS
 from proxyalign.engine.lanes import LaneRow
 from proxyalign.engine.request import roles_for
+from proxyalign.roles import ALIGNED
 from proxyalign.testing import tiny_model, tiny_tokenizer
 from proxyalign.testing.lanes import manual_engine
 from tests.stats import ALPHA, two_sample_pvalue
@@ -320,6 +321,20 @@ def test_forward_costs_are_measured_once_at_powers_of_two_and_interpolated(pa):
     assert min(known.values()) <= three <= max(known.values())
     spent = costs.measuring_s
     assert costs.seconds("base", 3, 2) == three and costs.measuring_s == spent, "kept, not re-measured"
+
+
+def test_calibrating_measures_every_size_a_growing_batch_meets_once(pa):
+    costs = ForwardCosts(pa.models, reps=1)
+    spent = costs.calibrate(max_rows=3, max_positions=3)
+    assert spent > 0 and spent == pytest.approx(costs.measuring_s)
+    expected = {(ALIGNED, rows, 1) for rows in (1, 2, 4)}
+    verifiers = [role for role in pa.models if role != ALIGNED]
+    expected |= {(role, rows, k) for role in verifiers for rows in (1, 2, 4) for k in (1, 2, 3)}
+    assert set(costs.known()) == expected
+    costs.seconds("base", 3, 3)
+    assert costs.calibrate(max_rows=4, max_positions=2) == 0.0, "nothing measured twice"
+    with pytest.raises(ValueError, match="max_rows"):
+        costs.calibrate(max_rows=0, max_positions=2)
 
 
 def test_an_auto_lane_is_made_for_auto_requests(pa):

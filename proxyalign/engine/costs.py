@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from proxyalign.roles import ALIGNED
+
 __all__ = ["ForwardCosts", "row_buckets"]
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,25 @@ class ForwardCosts:
             return at_low
         at_high = self._measured(role, high, positions)
         return at_low + (at_high - at_low) * (rows - low) / (high - low)
+
+    def calibrate(self, max_rows: int, max_positions: int) -> float:
+        """Measure now everything decoding up to ``max_rows`` rows may ask for: each model's step and
+        the verifying models' forwards over up to ``max_positions`` positions, at every power-of-two
+        batch size up to ``max_rows``'s. A running batch grows row by row as prompts are prefilled, so
+        without this the first auto calls stall once per new size; a server or a benchmark calls it
+        at start-up instead. Returns the seconds it took (nothing already measured is measured again).
+        """
+        if max_rows < 1 or max_positions < 1:
+            raise ValueError(f"max_rows and max_positions must be >= 1, got {max_rows}, {max_positions}")
+        before = self.measuring_s
+        top = row_buckets(max_rows)[1]
+        rows = 1
+        while rows <= top:
+            for role in self.models:
+                for positions in range(1, (1 if role == ALIGNED else max_positions) + 1):
+                    self._measured(role, rows, positions)
+            rows *= 2
+        return self.measuring_s - before
 
     def known(self) -> dict[tuple[str, int, int], float]:
         """Everything measured so far (a copy)."""
