@@ -285,6 +285,7 @@ def test_acceptance_counts_drafts_not_rounds():
     policy = CostPolicy(HostCosts(), prior=0.8, prior_weight=4, memory=0.97)
     lane = fake_lane(rows=2)
     short, long = lane.rows
+    policy.acceptance(long)  # both rows start from the prior
     policy.record(short, passed=0, checked=1)
     assert policy.acceptance(short) == pytest.approx(3.2 / 5)
     for _ in range(20):
@@ -293,6 +294,23 @@ def test_acceptance_counts_drafts_not_rounds():
     for _ in range(20):
         policy.record(long, passed=6, checked=6)
     assert policy.acceptance(long) > 0.95, "the last 120 drafts all passed: the early ones have faded"
+
+
+def test_a_row_joining_later_starts_from_what_earlier_rows_drafts_showed():
+    """The prior of a new row is the pair's record so far, not the fixed guess: with drafts passing
+    19 times in 20, a request arriving next does not begin with short rounds."""
+    policy = CostPolicy(HostCosts(), prior=0.8, prior_weight=4)
+    first, second = fake_lane(rows=2).rows
+    assert policy.acceptance(first) == pytest.approx(0.8)
+    for _ in range(50):
+        policy.record(first, passed=19, checked=20)
+    assert policy.acceptance(second) > 0.93
+    later, bad = fake_lane(rows=2).rows
+    policy.acceptance(later)
+    for _ in range(100):
+        policy.record(bad, passed=0, checked=2)
+    assert policy.acceptance(later) > 0.93, "a row's prior is fixed when it joins"
+    assert policy.acceptance(fake_lane().rows[0]) < 0.5, "the pool follows what rows show lately"
 
 
 def test_measured_step_times_correct_the_forward_costs():

@@ -68,12 +68,13 @@ class AutoPolicy(Protocol):
 
 @dataclass
 class _Row:
-    """What the policy keeps per row: its drafts checked and passed, older ones discounted.
+    """What the policy keeps per row: its prior, and its drafts checked and passed, older ones discounted.
 
     Counting drafts, not rounds, weighs a round by what it revealed: a 1-draft round that fails says
     less than a 6-draft one, and an estimate moved a fixed step per round got stuck on short rounds
     after one unlucky draft (measured on the offline pair)."""
 
+    prior: float
     passed: float = 0.0
     checked: float = 0.0
 
@@ -81,8 +82,10 @@ class _Row:
 class CostPolicy:
     """Expected tokens per second of each option, from measured forward costs and tracked acceptance.
 
-    - ``prior``: acceptance assumed for a row before its first speculative round, worth
-      ``prior_weight`` drafts of evidence;
+    - ``prior``: acceptance assumed before any draft was checked, worth ``prior_weight`` drafts of
+      evidence; a row joining later starts from the acceptance of every row's drafts so far (older
+      ones discounted by ``pool_memory`` per draft), i.e. from what this pair has shown, so a new
+      request does not spend its first rounds climbing from a guess;
     - ``memory``: each draft checked discounts the row's earlier evidence by this factor (about
       ``1 / (1 - memory)`` recent drafts count), and each token step by ``1 - drift``, so the estimate
       drifts back to the prior while nothing is drafted;
@@ -100,6 +103,7 @@ class CostPolicy:
         memory: float = 0.97,
         drift: float = 0.02,
         margin: float = 0.03,
+        pool_memory: float = 0.995,
     ) -> None:
         self.costs = costs
         self.gammas = tuple(sorted(gammas))
@@ -108,6 +112,9 @@ class CostPolicy:
         self.memory = memory
         self.drift = drift
         self.margin = margin
+        self.pool_memory = pool_memory
+        #: every row's drafts, for the prior of rows to come
+        self.pooled = _Row(prior)
         #: measured / predicted seconds of the lane's steps, per kind of step (moving average)
         self.correction: dict[str, float] = {}
         #: fraction of token steps in which q* ran (lazy criteria run it only after a rejection)
@@ -205,15 +212,21 @@ class CostPolicy:
         keep = (1 - self.drift) if token_step else self.memory**checked
         state.passed = state.passed * keep + passed
         state.checked = state.checked * keep + checked
+        if checked:
+            keep = self.pool_memory**checked
+            self.pooled.passed = self.pooled.passed * keep + passed
+            self.pooled.checked = self.pooled.checked * keep + checked
 
     def acceptance(self, row: LaneRow) -> float:
         """The row's estimated probability that a draft passes."""
-        state = self._row(row)
-        return (self.prior * self.prior_weight + state.passed) / (self.prior_weight + state.checked)
+        return self._estimate(self._row(row))
+
+    def _estimate(self, state: _Row) -> float:
+        return (state.prior * self.prior_weight + state.passed) / (self.prior_weight + state.checked)
 
     def _row(self, row: LaneRow) -> _Row:
         if not isinstance(row.policy_state, _Row):
-            row.policy_state = _Row()
+            row.policy_state = _Row(self._estimate(self.pooled))
         return row.policy_state
 
 
