@@ -76,8 +76,9 @@ def summary(name: str, batch: int, runs: list[Run], reference: list[Run]) -> str
     )
 
 
-def prompts(batch: int, shots: int) -> list[dict[str, str]]:
-    problems = load_gsm8k(limit=batch, shots=shots, progress=False)
+def prompts(batch: int, shots: int, start: int = 0) -> list[dict[str, str]]:
+    """GSM8K test questions ``start`` to ``start + batch``, as each model's prompt."""
+    problems = load_gsm8k(limit=start + batch, shots=shots, progress=False)[start:]
     instruction = "Solve this grade-school math problem. Reason step by step, then give the answer.\n\n"
     return [{"base": p.few_shot, "aligned": instruction + p.question} for p in problems]
 
@@ -208,7 +209,8 @@ def run(args: argparse.Namespace, aligner: ProxyAligner) -> list[str]:
     ]
     verdicts = []
     for batch_size in args.batches:
-        batch = prompts(batch_size, args.shots)
+        sets = [prompts(batch_size, args.shots, i * batch_size) for i in range(args.prompt_sets)]
+        batch = sets[0]
         results: dict[str, list[Run]] = {name: [] for name, _ in methods(args.gammas, args.auto)}
         hf_generate(aligner, batch, 4, args.temperature, 0)  # warm-up of both code paths
         ours(aligner, batch, 4, args.temperature, 0, mode="speculative")
@@ -217,6 +219,7 @@ def run(args: argparse.Namespace, aligner: ProxyAligner) -> list[str]:
             print(f"auto measured forward costs up to batch {batch_size} in {spent:.1f}s (once per pair)")
             ours(aligner, batch, 4, args.temperature, 0, mode="auto")
         for rep in range(args.reps):
+            batch = sets[rep % len(sets)]
             for name, options in methods(args.gammas, args.auto):  # interleaved: drift hits all alike
                 call = ours if options else hf_generate
                 result = call(aligner, batch, args.max_new_tokens, args.temperature, rep, **options)
@@ -336,6 +339,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--shots", type=int, default=1, help="worked examples in p's plain prompt")
+    parser.add_argument(
+        "--prompt-sets",
+        type=int,
+        default=1,
+        help="repetition r decodes question set r mod N (default 1: the same questions every time); "
+        "with one row, which text a run happens to sample moves acceptance by +-0.05, more than the "
+        "gap between neighbouring gammas, so comparing modes at batch 1 wants several sets and reps",
+    )
     parser.add_argument("--auto", action="store_true", help='also mode="auto", and how it compares')
     parser.add_argument("--profile", action="store_true", help="split a speculative call's time instead")
     parser.add_argument(
