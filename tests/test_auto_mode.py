@@ -313,6 +313,30 @@ def test_a_row_joining_later_starts_from_what_earlier_rows_drafts_showed():
     assert policy.acceptance(fake_lane().rows[0]) < 0.5, "the pool follows what rows show lately"
 
 
+def test_runs_of_passes_are_averaged_over_what_the_acceptance_may_be():
+    """E[a^i] under the row's Beta posterior, checked against draws from torch's own Beta: above
+    mean^i while evidence is thin (so long rounds are not undervalued), close to it once it is not."""
+    policy = CostPolicy(HostCosts(), prior=0.8, prior_weight=4, memory=1.0)
+    thin, thick = fake_lane(rows=2).rows
+    policy.record(thin, passed=0, checked=1)
+    for _ in range(100):
+        policy.record(thick, passed=9, checked=10)
+    generator = torch.Generator().manual_seed(0)
+    for row, passed, failed in ((thin, 3.2, 1.8), (thick, 3.2 + 900, 0.8 + 100)):
+        runs = policy.passing_runs(row, 6)
+        beta = torch.distributions.Beta(*(torch.tensor(x, dtype=torch.float64) for x in (passed, failed)))
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(1000, (1,), generator=generator)))
+            a = beta.sample((400_000,))
+        expected = [float((a**i).mean()) for i in range(7)]
+        assert runs == pytest.approx(expected, abs=3e-3), (runs, expected)
+        assert runs[1] == pytest.approx(policy.acceptance(row))
+    mean = policy.acceptance(thin)
+    assert policy.passing_runs(thin, 6)[6] > 2 * mean**6, "thin evidence: long runs likelier than mean^6"
+    mean = policy.acceptance(thick)
+    assert policy.passing_runs(thick, 6)[6] == pytest.approx(mean**6, rel=0.01)
+
+
 def test_measured_step_times_correct_the_forward_costs():
     """Steps taking twice what the forwards predict make every prediction of that kind twice as long."""
     costs = HostCosts()

@@ -77,7 +77,7 @@ class ForwardCosts:
         """Measure now everything decoding up to ``max_rows`` rows may ask for: each model's step and
         the verifying models' forwards over up to ``max_positions`` positions, at every power-of-two
         batch size up to ``max_rows``'s. A running batch grows row by row as prompts are prefilled, so
-        without this the first auto calls stall once per new size; a server or a benchmark calls it
+        without this the first auto calls stall once per new size; a server or a benchmark can call it
         at start-up instead. Returns the seconds it took (nothing already measured is measured again).
         """
         if max_rows < 1 or max_positions < 1:
