@@ -19,7 +19,7 @@ import torch
 from host import describe_host
 
 from proxyalign.models import load_model
-from proxyalign.precision import float32_rows, upcast_wide_matmuls
+from proxyalign.precision import upcast_wide_matmuls
 from proxyalign.testing import real_pair_dirs
 
 SHAPES = ((1, 170), (8, 60), (1, 1), (1, 5), (8, 1), (8, 5))  # rows x positions
@@ -48,7 +48,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     print(describe_host(), flush=True)
     model = load_model(str(dirs[0]), role="base", dtype="bfloat16", device="cpu").model
-    threshold = args.rows or float32_rows(8960, 1536, torch.get_num_threads())
+    threshold = args.rows or upcast_wide_matmuls(model)  # measured as at load, from p's widest layer
     print(f"threshold: {threshold or 'none (float32 never faster: both columns bf16)'}\n")
     print("| rows x positions | all bf16 s | wide in float32 s | speed-up |")
     print("|---|---:|---:|---:|")

@@ -125,8 +125,7 @@ class CostPolicy:
     def choose(self, lane: AutoLane) -> Choice:
         rows = len(lane.rows)
         remaining = [row.request.max_new_tokens - row.produced for row in lane.rows]
-        acceptance = [self.acceptance(row) for row in lane.rows]
-        runs = [self.passing_runs(row, max(self.gammas)) for row in lane.rows]
+        runs = [self.passing_runs(row, max(self.gammas)) for row in lane.rows]  # runs[1]: acceptance
         token_s = self._token_seconds(lane, rows)
         rates = {"token": rows / token_s}
         for gamma in self._viable(lane, rows, token_s):
@@ -134,7 +133,7 @@ class CostPolicy:
             gained = sum(sum(run[: g + 1]) for run, g in zip(runs, cut, strict=True))
             rates[f"gamma {gamma}"] = gained / self._round_seconds(lane, rows, gamma, runs)
         best = max(rates, key=rates.__getitem__)
-        mean_acceptance = sum(acceptance) / rows
+        mean_acceptance = sum(run[1] for run in runs) / rows
         if best == "token" or rates[best] < rates["token"] * (1 + self.margin):
             return Choice(
                 0,
@@ -179,9 +178,7 @@ class CostPolicy:
             seconds += share * self.costs.seconds(SMALL_BASE, rows)
         return seconds * self._correction("token")
 
-    def _round_seconds(
-        self, lane: AutoLane, rows: int, gamma: int, runs: Sequence[Sequence[float]]
-    ) -> float:
+    def _round_seconds(self, lane: AutoLane, rows: int, gamma: int, runs: Sequence[Sequence[float]]) -> float:
         # q* steps once more when some row passes all its drafts (the bonus position)
         none_pass_all = math.prod(1 - run[gamma] for run in runs)
         q_star = (gamma + 1 - none_pass_all) * self.costs.seconds(ALIGNED, rows)
@@ -201,9 +198,7 @@ class CostPolicy:
             predicted = self._token_seconds(lane, rows) / self._correction("token")
         else:
             runs = [self.passing_runs(row, choice.gamma) for row in lane.rows]
-            predicted = self._round_seconds(lane, rows, choice.gamma, runs) / self._correction(
-                "speculative"
-            )
+            predicted = self._round_seconds(lane, rows, choice.gamma, runs) / self._correction("speculative")
         ratio = seconds / predicted if predicted > 0 else 1.0
         old = self.correction.get(kind)
         self.correction[kind] = ratio if old is None else old + 0.3 * (ratio - old)
@@ -233,16 +228,19 @@ class CostPolicy:
         after one failed draft, long runs of passes are likelier than ``mean^i`` says (prior 0.8 worth
         4 drafts: 0.42 for 6 passes, not 0.26), and the plug-in value steered auto to short rounds.
         """
-        state = self._row(row)
-        passed = state.prior * self.prior_weight + state.passed
-        checked = self.prior_weight + state.checked
+        passed, checked = self._evidence(self._row(row))
         runs = [1.0]
         for i in range(longest):
             runs.append(runs[-1] * (passed + i) / (checked + i))
         return runs
 
+    def _evidence(self, state: _Row) -> tuple[float, float]:
+        """Drafts passed and checked, the prior's ``prior_weight`` drafts included."""
+        return state.prior * self.prior_weight + state.passed, self.prior_weight + state.checked
+
     def _estimate(self, state: _Row) -> float:
-        return (state.prior * self.prior_weight + state.passed) / (self.prior_weight + state.checked)
+        passed, checked = self._evidence(state)
+        return passed / checked
 
     def _row(self, row: LaneRow) -> _Row:
         if not isinstance(row.policy_state, _Row):
