@@ -29,7 +29,6 @@ import torch
 from host import describe_host
 
 from proxyalign.aligner import ProxyAligner
-from proxyalign.engine.gamma import AUTO_GAMMAS
 from proxyalign.engine.runner import ModelRunner, left_pad
 from proxyalign.eval.data import load_gsm8k
 from proxyalign.testing import real_pair_dirs
@@ -215,7 +214,7 @@ def run(args: argparse.Namespace, aligner: ProxyAligner) -> list[str]:
         hf_generate(aligner, batch, 4, args.temperature, 0)  # warm-up of both code paths
         ours(aligner, batch, 4, args.temperature, 0, mode="speculative")
         if args.auto:  # auto's forward costs at every size the batch passes through, once: shown apart
-            spent = aligner.engine.costs.calibrate(batch_size, max(AUTO_GAMMAS) + 1)
+            spent = aligner.calibrate_auto(batch_size)
             print(f"auto measured forward costs up to batch {batch_size} in {spent:.1f}s (once per pair)")
             ours(aligner, batch, 4, args.temperature, 0, mode="auto")
         for rep in range(args.reps):

@@ -9,6 +9,7 @@ batch that requests from any number of threads and tasks join and leave between 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -38,6 +39,8 @@ from proxyalign.settings import DEFAULT_CRITERION, MODES, SSS_CRITERION, SSS_MOD
 from proxyalign.tools import ToolCallParser, parser_for_tokenizer
 
 __all__ = ["MODES", "GenerateOptions", "GenerationConfig", "ProxyAligner"]
+
+logger = logging.getLogger(__name__)
 
 PerRole = Any  # a value, or a mapping from role ("base", "aligned", "small_base") to values
 
@@ -401,6 +404,16 @@ class ProxyAligner:
         """The engine's state: ``{"running": n, "waiting": m, "decoding": ..., "prefilling": ...,
         "lanes": {...}, "reserved_tokens": ..., "totals": {...}}`` (for monitoring and metrics)."""
         return self.engine.status()
+
+    def calibrate_auto(self, max_rows: int = 8) -> float:
+        """Measure this host's forward costs for ``mode="auto"`` up to ``max_rows`` rows now, before any
+        request (otherwise the first auto calls wait for them once per batch size they reach); returns
+        the seconds it took. Call it before decoding starts: see ``Engine.calibrate_auto``."""
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise InvalidParameterError(f"max_rows must be an integer >= 1, got {max_rows!r}")
+        spent = self.engine.calibrate_auto(max_rows)
+        logger.info("measured the forward costs of mode auto up to %d rows in %.1f s", max_rows, spent)
+        return spent
 
     def close(self) -> None:
         """Abort every request and stop the engine thread; the aligner refuses new calls afterwards."""

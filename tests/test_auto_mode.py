@@ -379,6 +379,14 @@ def test_calibrating_measures_every_size_a_growing_batch_meets_once(pa):
         costs.calibrate(max_rows=0, max_positions=2)
 
 
+@pytest.mark.parametrize("max_rows", [0, -1, 2.5, True, "8"])
+def test_calibrate_auto_refuses_a_bad_row_count_before_measuring(pa, max_rows):
+    known = pa.engine.costs.known()
+    with pytest.raises(proxyalign.InvalidParameterError, match="max_rows must be an integer >= 1"):
+        pa.calibrate_auto(max_rows)
+    assert pa.engine.costs.known() == known
+
+
 def test_an_auto_lane_is_made_for_auto_requests(pa):
     engine = manual_engine(pa)
     tickets = engine.submit(pa.requests([PROMPT], max_new_tokens=4, mode="auto"), Channel())

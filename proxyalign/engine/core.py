@@ -33,6 +33,7 @@ import torch
 from proxyalign.engine.auto import AutoLane, AutoPolicy, CostPolicy
 from proxyalign.engine.constraint import RowConstraint
 from proxyalign.engine.costs import ForwardCosts
+from proxyalign.engine.gamma import AUTO_GAMMAS
 from proxyalign.engine.lanes import Lane, LaneRow, TokenLane
 from proxyalign.engine.memory import release_free_memory
 from proxyalign.engine.output import RowOutput
@@ -215,6 +216,13 @@ class Engine:
     @property
     def in_engine_thread(self) -> bool:
         return threading.current_thread() is self._thread
+
+    def calibrate_auto(self, max_rows: int) -> float:
+        """Measure now every forward cost ``mode="auto"`` may need up to ``max_rows`` rows (its longest
+        round verifies ``max(AUTO_GAMMAS) + 1`` positions), so no request waits for it; returns the
+        seconds spent. Meant for start-up (a server before it accepts requests): measured while the
+        batch runs, the timings would include the batch's own forwards."""
+        return self.costs.calibrate(max_rows, max(AUTO_GAMMAS) + 1)
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Refuse new requests, abort the running ones and wait for the engine thread to end."""

@@ -105,7 +105,7 @@ class ForwardCosts:
                 self._seconds[key] = self._time(role, rows, positions)
                 spent = time.perf_counter() - started
                 self.measuring_s += spent
-                log.info(
+                log.debug(
                     "measured %s: %d rows x %d positions = %.4f s per forward (took %.2f s)",
                     role,
                     rows,
