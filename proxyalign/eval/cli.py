@@ -89,7 +89,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument("--top-p", type=float)
     decoding.add_argument("--criterion-on", default="scaled", choices=("scaled", "raw"))
     decoding.add_argument(
-        "--mode", default="token", help="token (default) or speculative (same distribution)"
+        "--mode",
+        default="token",
+        help="token (default), speculative or auto (the faster of the two on this host; same distribution)",
     )
     decoding.add_argument("--gamma", default="4", help="speculative mode: drafts per round, or 'adaptive'")
 
