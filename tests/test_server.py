@@ -7,6 +7,7 @@ every greedy answer must equal the same request decoded alone by the aligner its
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -29,7 +30,7 @@ from proxyalign import Criterion
 from proxyalign.cli import main as cli_main
 from proxyalign.engine.scheduler import SchedulerConfig
 from proxyalign.server import ServerConfig, create_app
-from proxyalign.server.cli import build_server
+from proxyalign.server.cli import add_serve_arguments, build_server, calibration_rows
 from proxyalign.testing import real_pair_dirs, save_tiny_pair, tiny_aligner
 
 KEY = "test-key-123"
@@ -729,12 +730,30 @@ def app_of(live: LiveServer) -> Any:
         (["--criterion", "nope"], "nope"),
         (["--param", "threshold"], "NAME=VALUE"),
         (["--default-max-tokens", "9000"], "default_max_tokens"),
+        (["--gamma", "0"], "--gamma must be an integer in [1, 64] or 'adaptive'"),
+        (["--calibrate-rows", "65"], "--calibrate-rows must be between 0 and --max-rows (64)"),
+        (["--mode", "sss"], "implicit_reward"),  # an sss mode's default criterion needs --small-base
     ],
 )
 def test_serve_checks_its_options_before_loading_anything(capsys, args, message):
     status = cli_main(["serve", "--base", "/no/such/model", "--aligned", "/no/such/either", *args])
     assert status == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "rows"),
+    [
+        ([], 0),
+        (["--mode", "auto"], 8),
+        (["--mode", "auto", "--max-rows", "4"], 4),
+        (["--calibrate-rows", "2"], 2),
+    ],
+)
+def test_serve_calibrates_auto_before_serving_by_default_only_in_mode_auto(args, rows):
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert calibration_rows(parser.parse_args(["--base", "p", "--aligned", "q", *args])) == rows
 
 
 def test_serve_refuses_a_missing_model_and_a_taken_port(capsys, tmp_path):
@@ -756,27 +775,22 @@ def free_port() -> int:
 
 
 def test_proxyalign_serve_end_to_end_and_sigterm(tmp_path):
-    """The installed command: loads the tiny pair from disk, answers the openai client, exits 0 on
+    """The installed command: loads the tiny pair from disk, measures auto's costs before it answers
+    (``--mode auto``: the default of requests that name no mode), answers the openai client, exits 0 on
     SIGTERM."""
     base, aligned = save_tiny_pair(tmp_path)
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PROXYALIGN_API_KEY": KEY}
     command = [sys.executable, "-m", "proxyalign.cli", "serve", "--base", base, "--aligned", aligned]
-    command += [
-        "--criterion",
-        "dual_kad",
-        "--param",
-        "threshold=0.3",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command += ["--criterion", "dual_kad", "--param", "threshold=0.3", "--mode", "auto", "--gamma", "3"]
+    command += ["--calibrate-rows", "2", "--port", str(port), "--log-level", "info"]
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
         while True:
-            assert process.poll() is None, process.communicate()[1]
+            assert process.poll() is None, log.read_text()
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
                     break
@@ -790,8 +804,14 @@ def test_proxyalign_serve_end_to_end_and_sigterm(tmp_path):
             )
             assert reply.choices[0].model_extra["proxyalign"]["criterion"] == "dual_kad"
             assert reply.usage.completion_tokens == len(reply.choices[0].model_extra["proxyalign"]["sources"])
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+        auto_steps = [line for line in metrics.text.splitlines() if line.startswith("proxyalign_auto_steps")]
+        assert sum(float(line.split()[-1]) for line in auto_steps if "_total{" in line) >= 1
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+        text = log.read_text()
+        calibrated = text.index("measured the forward costs of mode auto up to 2 rows")
+        assert calibrated < text.index("serving 'proxyalign' at"), "costs are measured before serving"
     finally:
         if process.poll() is None:
             process.kill()

@@ -104,6 +104,25 @@ def test_without_ray_it_says_what_to_install(monkeypatch, capsys):
     assert "proxyalign serve --ray needs Ray, which is not installed: pip install 'proxyalign[ray]'" in error
 
 
+def test_a_replica_loads_with_the_default_mode_and_measures_auto_before_serving(tmp_path):
+    """What ``--mode auto --calibrate-rows 2`` gives each replica: the pair's requests default to auto,
+    and its forward costs up to 2 rows are known before the first request (PairSpec.load runs in the
+    replica; here in this process, the same code)."""
+    from proxyalign import GenerationConfig
+    from proxyalign.server.ray_serve import PairSpec
+
+    base, aligned = save_tiny_pair(tmp_path)
+    pair = PairSpec(base, aligned, generation_config=GenerationConfig(mode="auto", gamma=3), calibrate_rows=2)
+    aligner = pair.load()
+    try:
+        assert (aligner.defaults.mode, aligner.defaults.gamma) == ("auto", 3)
+        measured = {(role, rows) for role, rows, _ in aligner.engine.costs.known()}
+        assert {rows for _, rows in measured} == {1, 2}
+        assert max(positions for *_, positions in aligner.engine.costs.known()) == 7, "gamma 6 + 1"
+    finally:
+        aligner.close()
+
+
 def test_scaling_limits_and_resources_reach_the_deployment():
     pytest.importorskip("ray")
     from proxyalign.cluster import ReplicaResources

@@ -27,21 +27,28 @@ from proxyalign.cli_args import (
 )
 from proxyalign.errors import InvalidParameterError, ProxyAlignError
 from proxyalign.server.config import ServerConfig
+from proxyalign.settings import DEFAULT_CRITERION, MODES, SSS_CRITERION, SSS_MODES
 
 if TYPE_CHECKING:
-    from proxyalign.engine.scheduler import SchedulerConfig
-    from proxyalign.server.ray_serve import Replicas
+    from proxyalign.aligner import GenerationConfig
+    from proxyalign.server.ray_serve import PairSpec, Replicas
 
 __all__ = [
     "add_serve_arguments",
     "build_server",
+    "calibration_rows",
     "config_from_args",
+    "generation_from_args",
     "ray_options_from_args",
     "run_serve",
     "serve",
 ]
 
 logger = logging.getLogger("proxyalign.server")
+
+#: Rows up to which ``--mode auto`` measures its forward costs before serving (a few seconds to a minute
+#: on a CPU; larger batches are measured when first reached).
+CALIBRATE_ROWS = 8
 
 #: Where the API key may come from instead of the command line (which other users can see in `ps`).
 API_KEY_ENV = "PROXYALIGN_API_KEY"
@@ -72,6 +79,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument("--criterion", default=None, help="name or package:name (default: confidence_bet)")
     decoding.add_argument(
         "--param", action="append", default=[], metavar="NAME=VALUE", help="criterion parameter (repeatable)"
+    )
+    decoding.add_argument(
+        "--mode", default="token", choices=MODES, help="mode of requests that name none (default token)"
+    )
+    decoding.add_argument(
+        "--gamma", default="4", help="speculative modes: drafts per round (default 4), or 'adaptive'"
+    )
+    decoding.add_argument(
+        "--calibrate-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"measure mode auto's forward costs up to N rows before serving (default: with --mode auto "
+        f"{CALIBRATE_ROWS} or --max-rows if smaller, else 0: measured on first use, which stalls the batch)",
     )
     decoding.add_argument("--max-rows", type=int, default=64, help="rows decoding at once (default 64)")
     decoding.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens per step")
@@ -205,6 +226,29 @@ def ray_options_from_args(args: argparse.Namespace) -> Replicas | None:
     return Replicas(resources, autoscaling)
 
 
+def generation_from_args(args: argparse.Namespace) -> GenerationConfig:
+    """The aligner's defaults for requests that name no ``mode`` or ``gamma`` (``--mode``, ``--gamma``)."""
+    from proxyalign.aligner import GenerationConfig
+
+    gamma = int(args.gamma) if args.gamma.isdigit() else args.gamma
+    try:
+        return GenerationConfig(mode=args.mode, gamma=gamma)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"--{exc}") from None
+
+
+def calibration_rows(args: argparse.Namespace) -> int:
+    """Rows up to which mode auto's forward costs are measured before serving; 0: none (measured when
+    first needed, while the batch waits)."""
+    if args.calibrate_rows is None:
+        return min(CALIBRATE_ROWS, args.max_rows) if args.mode == "auto" else 0
+    if not 0 <= args.calibrate_rows <= args.max_rows:
+        raise InvalidParameterError(
+            f"--calibrate-rows must be between 0 and --max-rows ({args.max_rows}), got {args.calibrate_rows}"
+        )
+    return args.calibrate_rows
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The server's configuration, checked (including the rule on non-loopback hosts)."""
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
@@ -275,7 +319,6 @@ def run_serve(args: argparse.Namespace, console: Any = None) -> int:
     """Check everything, load the models, serve until SIGTERM/SIGINT (then drain), close the aligner."""
     from proxyalign.engine.scheduler import SchedulerConfig
     from proxyalign.plugins import get_criterion
-    from proxyalign.settings import DEFAULT_CRITERION
 
     if getattr(args, "engine", "proxyalign") == "vllm":
         try:
@@ -294,18 +337,25 @@ def run_serve(args: argparse.Namespace, console: Any = None) -> int:
         max_prefill_tokens=args.max_prefill_tokens,
         max_cached_tokens=args.max_cached_tokens,
     )
+    generation = generation_from_args(args)
+    calibrate = calibration_rows(args)
     params = parse_params(args.param)
-    criterion = args.criterion or DEFAULT_CRITERION
+    criterion = args.criterion or (SSS_CRITERION if args.mode in SSS_MODES else DEFAULT_CRITERION)
     chosen = get_criterion(criterion, **params)
     if replicas is not None:
-        return _run_on_ray(args, config, scheduler, criterion, params, chosen, replicas)
+        from proxyalign.server.ray_serve import pair_from_args
+
+        pair = pair_from_args(args, criterion, params, scheduler, generation, calibrate_rows=calibrate)
+        return _run_on_ray(args, config, pair, chosen, replicas)
     check_models(args, chosen)
     sock = _bind(config.host, config.port)
     try:
         logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
         logger.info("loading %s (p) and %s (q*)", args.base, args.aligned)
-        aligner = load_pair(args, chosen, scheduler=scheduler)
+        aligner = load_pair(args, chosen, scheduler=scheduler, generation_config=generation)
         try:
+            if calibrate:
+                aligner.calibrate_auto(calibrate)
             serve(aligner, config, sock=sock, log_level=args.log_level)
         finally:
             aligner.close()
@@ -315,18 +365,12 @@ def run_serve(args: argparse.Namespace, console: Any = None) -> int:
 
 
 def _run_on_ray(
-    args: argparse.Namespace,
-    config: ServerConfig,
-    scheduler: SchedulerConfig,
-    criterion: str,
-    params: dict[str, str],
-    chosen: Any,
-    replicas: Replicas,
+    args: argparse.Namespace, config: ServerConfig, pair: PairSpec, chosen: Any, replicas: Replicas
 ) -> int:
     """The rest of ``run_serve`` with ``--ray``: the device is the replicas' (the GPUs they get), so
     only its spelling is checked here, where there may be none; then :func:`run_ray_serve`."""
     from proxyalign.models import resolve_device
-    from proxyalign.server.ray_serve import pair_from_args, run_ray_serve
+    from proxyalign.server.ray_serve import run_ray_serve
 
     if config.port == 0:
         raise InvalidParameterError("--port 0 (any free port) does not work with --ray: name a port")
@@ -334,7 +378,6 @@ def _run_on_ray(
         resolve_device(args.device)
     check_models(argparse.Namespace(**{**vars(args), "device": None}), chosen)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    pair = pair_from_args(args, criterion, params, scheduler)
     return run_ray_serve(args.ray or None, pair, config, replicas)
 
 

@@ -18,13 +18,16 @@ import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxyalign.cluster import ReplicaResources, connect, match_reserved_cpus, require_ray
 from proxyalign.engine.scheduler import SchedulerConfig
 from proxyalign.errors import InvalidParameterError, ProxyAlignError
 from proxyalign.server.config import ServerConfig
 from proxyalign.settings import DEFAULT_CRITERION
+
+if TYPE_CHECKING:
+    from proxyalign.aligner import GenerationConfig
 
 __all__ = [
     "APP_NAME",
@@ -83,11 +86,13 @@ class PairSpec:
     trust_remote_code: bool = False
     prompt_formats: Mapping[str, str] | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    generation_config: GenerationConfig | None = None  #: requests' defaults (``--mode``, ``--gamma``)
+    calibrate_rows: int = 0  #: mode auto's forward costs measured up to this many rows at load
 
     def load(self) -> Any:
         from proxyalign.aligner import ProxyAligner
 
-        return ProxyAligner.from_pretrained(
+        aligner = ProxyAligner.from_pretrained(
             self.base,
             self.aligned,
             small_base=self.small_base,
@@ -98,7 +103,11 @@ class PairSpec:
             trust_remote_code=self.trust_remote_code,
             prompt_formats=dict(self.prompt_formats) if self.prompt_formats else None,
             scheduler=self.scheduler,
+            generation_config=self.generation_config,
         )
+        if self.calibrate_rows:
+            aligner.calibrate_auto(self.calibrate_rows)
+        return aligner
 
 
 @dataclass(frozen=True)
@@ -335,9 +344,15 @@ def run_ray_serve(address: str | None, pair: PairSpec, config: ServerConfig, rep
 
 
 def pair_from_args(
-    args: argparse.Namespace, criterion: str, params: Mapping[str, Any], scheduler: SchedulerConfig
+    args: argparse.Namespace,
+    criterion: str,
+    params: Mapping[str, Any],
+    scheduler: SchedulerConfig,
+    generation: GenerationConfig | None = None,
+    *,
+    calibrate_rows: int = 0,
 ) -> PairSpec:
-    """The :class:`PairSpec` of ``proxyalign serve``'s model options."""
+    """The :class:`PairSpec` of ``proxyalign serve``'s model options (checked by the caller)."""
     from proxyalign.cli_args import prompt_formats
 
     return PairSpec(
@@ -351,4 +366,6 @@ def pair_from_args(
         trust_remote_code=args.trust_remote_code,
         prompt_formats=prompt_formats(args),
         scheduler=scheduler,
+        generation_config=generation,
+        calibrate_rows=calibrate_rows,
     )

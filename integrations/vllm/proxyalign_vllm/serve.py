@@ -41,6 +41,10 @@ UNSUPPORTED = {
     "ignore_unsupported": "vLLM refuses request settings that would change pi (HTTP 400) and honours "
     "the rest",
     "stream_provenance": "vLLM draws from pi directly: which model a token came from is not recorded",
+    "mode": "vLLM draws from pi token by token; its own speculative decoding is set by --speculative-config "
+    "in --vllm-args",
+    "gamma": "the drafts per round of proxyalign's speculative modes, which vLLM does not run",
+    "calibrate_rows": "mode auto is the proxyalign engine's",
     "base_format": "every model reads the same tokens under vLLM: p's chat template, for all",
     "aligned_format": "every model reads the same tokens under vLLM: p's chat template, for all",
     "ray": "vLLM shards over ranks itself (--vllm-args '--tensor-parallel-size N'); for Ray replicas "

@@ -57,6 +57,8 @@ def test_flags_carry_the_options(tiny_dirs: dict[str, str]) -> None:
     [
         (["--max-n", "3"], "--max-n does not apply to --engine vllm"),
         (["--ray"], "--ray does not apply to --engine vllm"),
+        (["--mode", "auto"], "--mode does not apply to --engine vllm"),
+        (["--calibrate-rows", "2"], "--calibrate-rows does not apply to --engine vllm"),
         (["--max-cached-tokens", "100"], "KV cache by memory"),
         (["--host", "0.0.0.0"], "no --api-key"),  # the same rule as proxyalign's own server
         (["--port", "0"], "--port 0"),
