@@ -20,6 +20,7 @@ import torch
 
 import proxyalign
 from proxyalign import Criterion, CriterionError, InvalidParameterError, TargetCriterion
+from proxyalign.engine import core
 from proxyalign.engine.core import Channel
 from proxyalign.engine.memory import release_free_memory
 from proxyalign.engine.runner import ModelRunner, keeps_a_hole, left_pad
@@ -486,6 +487,29 @@ def test_the_engine_thread_ends_when_idle_and_restarts_on_demand(fresh):
     fresh.generate("w5", max_new_tokens=2)
     wait_until(lambda: fresh.engine._thread is None)
     assert fresh.generate("w5", max_new_tokens=2)[0].stats.new_tokens == 2
+
+
+def test_close_waits_for_an_engine_thread_still_freeing_memory(fresh, monkeypatch):
+    """The engine thread hands over (``_thread`` is None) before it frees memory; close() (and so the
+    atexit hook) must still wait for it: at interpreter exit a daemon thread inside native code (glibc's
+    malloc_trim, after large frees) aborted the process with "terminate called without an active
+    exception" (seen with mode="auto" on the real pair, bf16 emulated)."""
+    trimming, finish, engine_threads = threading.Event(), threading.Event(), []
+
+    def slow_release() -> bool:
+        engine_threads.append(threading.current_thread())
+        trimming.set()
+        finish.wait(5)
+        return True
+
+    monkeypatch.setattr(core, "release_free_memory", slow_release)
+    fresh.generate("w5", max_new_tokens=2)
+    assert trimming.wait(5) and fresh.engine._thread is None
+    threading.Timer(0.3, finish.set).start()
+    started = time.monotonic()
+    fresh.close()
+    assert time.monotonic() - started >= 0.25, "close() returned while the engine thread was running"
+    assert not engine_threads[0].is_alive()
 
 
 def test_a_closed_aligner_refuses_new_calls(fresh):

@@ -159,6 +159,10 @@ class Engine:
         self._lanes: dict[LaneKey, Lane] = {}
         self._reserved = 0
         self._thread: threading.Thread | None = None
+        #: every engine thread that may still be running: one that has handed over (``_thread`` is None
+        #: again) still frees memory before it ends, and ``close`` must wait for it too (a daemon thread
+        #: inside native code at interpreter exit aborts the process)
+        self._threads: list[threading.Thread] = []
         self._closed = False
         #: forward costs of this pair on this host (mode="auto"), measured once and kept
         self.costs = ForwardCosts(self.models)
@@ -193,6 +197,7 @@ class Engine:
             self._totals["requests"] += len(tickets)
             if self.auto_run and self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="proxyalign-engine", daemon=True)
+                self._threads = [*(t for t in self._threads if t.is_alive()), self._thread]
                 self._thread.start()
         return tickets
 
@@ -225,14 +230,15 @@ class Engine:
         return self.costs.calibrate(max_rows, max(AUTO_GAMMAS) + 1)
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Refuse new requests, abort the running ones and wait for the engine thread to end."""
+        """Refuse new requests, abort the running ones and wait for the engine threads to end (``timeout``
+        seconds each), the one that went idle just before included."""
         with self._lock:
             self._closed = True
             pending = [*self._incoming, *self._waiting, *(t for j in self._jobs for t in j.tickets)]
             pending += [row.ticket for lane in self._lanes.values() for row in lane.rows]
-            thread = self._thread
+            threads = [t for t in self._threads if t is not threading.current_thread()]
         self.abort(pending)
-        if thread is not None and thread is not threading.current_thread():
+        for thread in threads:
             thread.join(timeout)
 
     # -- the engine thread -----------------------------------------------------------------------------
