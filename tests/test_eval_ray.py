@@ -7,6 +7,7 @@ has 2 CPUs (the ``ray_cluster`` fixture), so each of 2 replicas gets one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -19,7 +20,7 @@ from proxyalign.cli import main
 from proxyalign.cluster import ReplicaResources
 from proxyalign.errors import InvalidParameterError, ProxyAlignError
 from proxyalign.eval import EvalConfig, evaluate
-from proxyalign.eval.distributed import RayOptions
+from proxyalign.eval.distributed import RayDecoder, RayOptions
 from proxyalign.testing import save_tiny_pair
 
 pytestmark = pytest.mark.slow
@@ -140,6 +141,38 @@ def test_a_replica_killed_mid_run_loses_and_duplicates_no_question(ray_cluster, 
     assert len(keys) == len(set(keys)) == 24
     assert _comparable(lines) == _comparable(reference.records)
     assert victims[0] not in _replica_pids()
+
+
+def test_an_error_in_a_replica_reaches_the_caller_as_itself(ray_cluster, pair, monkeypatch):
+    """A call that fails inside a replica (here: a criterion the replica cannot find) surfaces as the
+    proxyalign error the replica raised, not as Ray's wrapper; while the caller keeps that error
+    (``caught``, as a REPL keeps the last one) the failed run's actors give their CPUs back (Ray's
+    error held them, and the next run waited for CPUs forever); the decoder then still decodes.
+
+    Ray Data logs its error object itself; pytest's log capture keeps such records (and so the failed
+    run's actors) until the test ends, which no ordinary logging handler does: not captured here."""
+    from _pytest.logging import LogCaptureHandler
+
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]  # Ray copies handlers
+    for logger in loggers:
+        if isinstance(logger, logging.Logger):
+            kept = [h for h in logger.handlers if not isinstance(h, LogCaptureHandler)]
+            monkeypatch.setattr(logger, "handlers", kept)
+
+    def wait_for_free_cpus(timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while ray_cluster.available_resources().get("CPU", 0) < ray_cluster.cluster_resources()["CPU"]:
+            assert time.monotonic() < deadline, "the cluster's CPUs did not come back"
+            time.sleep(0.5)
+
+    wait_for_free_cpus(120)  # earlier tests' actor pools are gone
+    decoder = RayDecoder(*pair, _on_ray(1), device="cpu")
+    with pytest.raises(ProxyAlignError, match="no_such_criterion") as caught:
+        list(decoder.as_completed([("w5 w6", {"criterion": "no_such_criterion", "max_new_tokens": 2})]))
+    assert type(caught.value).__module__.startswith("proxyalign"), type(caught.value)
+    wait_for_free_cpus(90)
+    ((position, generation),) = decoder.as_completed([("w5 w6", {"max_new_tokens": 2, "seed": 0})])
+    assert position == 0 and generation.stats.new_tokens == 2
 
 
 def test_ray_options_are_checked_before_anything_starts(pair, data, tmp_path):

@@ -19,6 +19,7 @@ the record store skips keys it already holds, so no question is lost or written 
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 from collections.abc import Iterable, Iterator, Mapping
@@ -104,7 +105,11 @@ class RayDecoder:
         items = [{"position": i, "call": pickle.dumps((p, dict(o)))} for i, (p, o) in enumerate(calls)]
         if not items:
             return
-        DataContext.get_current().enable_progress_bars = False  # the runner's bar counts questions
+        context = DataContext.get_current()
+        context.enable_progress_bars = False  # the runner's bar counts questions
+        # a replica's own error (a bad option, a failing criterion) crosses as itself, not as Ray Data's
+        # UserCodeException, which keeps only its text (a DataContext flag of Ray Data since 2024)
+        context.raise_original_map_exception = True
         dataset = ray.data.from_items(items, override_num_blocks=len(items))  # one call per block
         decoded = dataset.map_batches(
             AlignerReplica,
@@ -124,11 +129,22 @@ class RayDecoder:
             num_cpus=self.num_cpus,
             num_gpus=self.num_gpus,
         )
+        error: BaseException | None = None
         try:
             for row in decoded.iter_rows():
                 yield int(row["position"]), pickle.loads(row["generation"])
         except Exception as exc:
-            raise _original(exc) from exc
+            error = _original(exc)
+            if error is exc:
+                raise
+        if error is not None:
+            # Raised out here, with nothing of Ray's chained to it, after a collection: Ray's error and its
+            # traceback hold the failed run's executor in a reference cycle, and its actors keep their
+            # CPUs until that cycle is collected (a next run in the same process waited for them, for
+            # ever where the caller, a test or a REPL's last traceback kept the error).
+            del decoded, dataset
+            gc.collect()
+            raise error
 
     def close(self) -> None:
         """Stop the Ray instance this decoder started (a cluster it joined keeps running)."""
@@ -143,10 +159,12 @@ def _dtype_of(load_options: Mapping[str, Any], role: str) -> Any:
 
 
 def _original(exc: BaseException) -> BaseException:
-    """The proxyalign error a replica raised, out of Ray's wrappers (else ``exc`` itself)."""
+    """The proxyalign error a replica raised, out of Ray's wrappers (else ``exc`` itself). A
+    ``RayTaskError(X)`` is also an ``X``, but its text is Ray's traceback: its ``cause`` is the error."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ProxyAlignError):
+        cause = getattr(seen, "cause", None)
+        if isinstance(seen, ProxyAlignError) and cause is None:
             return seen
-        seen = getattr(seen, "cause", None) or seen.__cause__
+        seen = cause or seen.__cause__
     return exc
